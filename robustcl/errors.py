@@ -1,0 +1,19 @@
+"""The one exception type for mistakes a user can fix (bad recipe, missing file, wrong column)."""
+
+from __future__ import annotations
+
+
+class UserError(Exception):
+    """A problem in the user's input. The CLI prints it on one line and exits with code 2.
+
+    Format: ``<what> (<where>) — <how to fix>``; ``where`` names the file, key path or column.
+    """
+
+    def __init__(self, what: str, where: str | None = None, fix: str | None = None) -> None:
+        self.what, self.where, self.fix = what, where, fix
+        text = what
+        if where:
+            text += f" ({where})"
+        if fix:
+            text += f" — {fix}"
+        super().__init__(text)
