@@ -1,0 +1,145 @@
+"""The ``robustcl`` command line. It only parses arguments and calls the library; heavy imports happen lazily
+inside each command so that ``robustcl --help`` stays fast."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .errors import UserError
+
+app = typer.Typer(
+    help="Self-supervised adversarial pre-training of robust image encoders (ACL, AdvCL, DeACL).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+recipe_app = typer.Typer(help="Inspect and check recipes without training.", no_args_is_help=True)
+app.add_typer(recipe_app, name="recipe")
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/acl.yaml.", show_default=False, metavar="RECIPE")]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override one recipe key, KEY=VALUE with a dotted key (repeatable), e.g. --set training.max_steps=100. "
+        "Values are parsed as YAML; fractions like 8/255 are accepted for pixel values.",
+        show_default=False,
+    ),
+]
+
+
+def _default_run_dir(recipe: Path) -> Path:
+    return Path("runs") / recipe.stem
+
+
+@app.command()
+def pretrain(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    output_dir: Annotated[
+        Path | None,
+        typer.Option("--output-dir", "-o", help="Run directory (default: runs/<recipe name>).", show_default=False),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume/--no-resume",
+            help="Resume from the newest complete checkpoint in the run directory; --no-resume refuses to "
+            "touch a run directory that already holds checkpoints.",
+        ),
+    ] = True,
+) -> None:
+    """Pretrain an encoder with the recipe's method; checkpoints, metrics and the exported encoder go to the
+    run directory. Works under `accelerate launch` (one or many processes)."""
+    from .recipe import load_recipe
+    from .train import pretrain as run_pretrain
+
+    loaded = load_recipe(recipe, set_)
+    summary = run_pretrain(loaded, output_dir or _default_run_dir(recipe), resume=resume)
+    if _is_main_process():
+        typer.echo(f"\nrobustcl: trained {summary.steps} steps in {summary.wall_time_s:.1f}s "
+                   f"(final loss {summary.final_loss:.4f})")
+        typer.echo(f"robustcl: encoder exported to {summary.encoder_dir}")
+        if summary.probe:
+            p = summary.probe
+            typer.echo(
+                f"robustcl: linear probe on {p['test_images']} held-out images ({p['split']} split): "
+                f"clean accuracy {100 * p['clean_accuracy']:.1f}%, "
+                f"PGD-{p['pgd_steps']} accuracy {100 * p['pgd_accuracy']:.1f}% (eps {p['epsilon']:.4f})"
+            )
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory written by `robustcl pretrain`.")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder to write (replaced if it exists).")],
+    bn_branch: Annotated[
+        str | None,
+        typer.Option(help="BN branch to export (default: the recipe's export.bn_branch, else 'pgd' when present)."),
+    ] = None,
+) -> None:
+    """Export the newest checkpoint's encoder as safetensors + transformers config (AutoModel-loadable)."""
+    from .export import export_run
+
+    out = export_run(run_dir, out_dir, bn_branch)
+    typer.echo(f"robustcl: encoder exported to {out}")
+
+
+@recipe_app.command("show")
+def recipe_show(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    describe: Annotated[bool, typer.Option(help="List every key with its default and description.")] = False,
+) -> None:
+    """Print the fully resolved recipe (defaults filled in, overrides applied) as YAML."""
+    from .recipe import describe_keys, load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    typer.echo(describe_keys() if describe else loaded.to_yaml(), nl=not describe)
+
+
+@recipe_app.command("validate")
+def recipe_validate(
+    recipe: RecipeArg,
+    set_: SetOpt = None,
+    check_data: Annotated[
+        bool, typer.Option("--check-data/--no-check-data", help="Also open the dataset and check its columns.")
+    ] = True,
+) -> None:
+    """Check a recipe: keys, types, ranges and (by default) that the dataset opens and has an image column.
+    Exits 0 when valid, 2 with a one-line error otherwise."""
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    if check_data:
+        from .data.loading import check_dataset
+
+        d = loaded.data
+        image_col, label_col = check_dataset(
+            d.path, d.split, name=d.name, image_column=d.image_column, label_column=d.label_column
+        )
+        typer.echo(f"robustcl: {recipe} is valid (data: {d.path} [{d.split}], image column '{image_col}', "
+                   f"label column {label_col!r})")
+    else:
+        typer.echo(f"robustcl: {recipe} is valid")
+
+
+def _is_main_process() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def main() -> None:
+    """Console entry point: user errors become one line on stderr and exit code 2; bugs keep their traceback."""
+    try:
+        app()
+    except UserError as err:
+        if _is_main_process():
+            print(f"robustcl: error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,79 @@
+"""ACL — Robust Pre-Training by Adversarial Contrastive Learning (Jiang et al., NeurIPS 2020).
+
+Variants: ``ds`` (dual stream, the paper's best): L = ½[NT-Xent(clean pair, 'normal' BN) + NT-Xent(adversarial
+pair, 'pgd' BN)]; ``a2a``: both views attacked, one BN; ``a2s``: the first view attacked, the second clean, one
+BN. The attack maximises the NT-Xent of the (partly) adversarial pair, with the model in the recipe's BN mode
+(eval in the reference code).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..attacks import module_mode, pgd_attack
+from ..data.augment import SimCLRAugment, SimCLRAugmentParams
+from ..losses import nt_xent
+from ..models import ProjectionHead, RobustCLResNetModel
+from ..recipe import Recipe
+from .base import Method, encoder_config
+
+
+def simclr_augment(recipe: Recipe) -> SimCLRAugment:
+    a = recipe.augment
+    return SimCLRAugment(
+        SimCLRAugmentParams(
+            size=recipe.data.resolution, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
+            interpolation=a.interpolation, flip_p=a.flip_p, jitter=tuple(a.jitter), jitter_p=a.jitter_p,
+            grayscale_p=a.grayscale_p,
+        )
+    )
+
+
+class ACL(Method):
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe)
+        opts = recipe.method.acl
+        self.variant = opts.variant
+        self.bn_branches = ["normal", "pgd"] if self.variant == "ds" else ["normal"]
+        self.adv_branch = self.bn_branches[-1]
+        self.encoder = RobustCLResNetModel(encoder_config(recipe.model, self.bn_branches))
+        dim = self.encoder.config.hidden_size
+        proj = opts.projector_dim or dim
+        self.projector = ProjectionHead(dim, proj, proj, num_layers=opts.projector_layers, bn_branches=self.bn_branches)
+        self.augment = simclr_augment(recipe)
+        self.temperature = recipe.method.temperature
+        self.attack = recipe.attack
+
+    def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        return self.projector(self.encoder(x, bn_branch=branch).pooler_output, bn_branch=branch)
+
+    def pair_loss(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        """NT-Xent of a stacked pair [view1; view2]."""
+        z1, z2 = self.embed(x, branch).chunk(2)
+        return nt_xent(z1, z2, self.temperature)
+
+    def _attack(self, loss_fn, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        a = self.attack
+        with module_mode(self, train=a.bn_mode == "train"):
+            return pgd_attack(
+                loss_fn, x, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps,
+                random_start=a.random_start, generator=generator,
+            )
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator):  # type: ignore[override]
+        views = torch.cat([self.augment(images, generator), self.augment(images, generator)])
+        branch = self.adv_branch
+        if self.variant == "a2s":
+            clean2 = views.chunk(2)[1]
+            adv1 = self._attack(
+                lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch), views.chunk(2)[0], generator
+            )
+            loss = self.pair_loss(torch.cat([adv1, clean2]), branch)
+            return loss, {"loss_adv": loss.detach()}
+        adv = self._attack(lambda x: self.pair_loss(x, branch), views, generator)
+        loss_adv = self.pair_loss(adv, branch)
+        if self.variant == "a2a":
+            return loss_adv, {"loss_adv": loss_adv.detach()}
+        loss_clean = self.pair_loss(views, "normal")
+        loss = 0.5 * (loss_clean + loss_adv)
+        return loss, {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}

@@ -1,0 +1,313 @@
+"""The typed recipe: YAML file + ``--set key=value`` overrides → a validated :class:`Recipe`.
+
+Every key has a default and a one-line description (``robustcl recipe show`` prints them). Errors name the key
+path and the file and suggest the closest valid key.
+"""
+
+from __future__ import annotations
+
+import difflib
+from fractions import Fraction
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+def _parse_fraction(value: Any) -> Any:
+    # Papers write ε as "8/255"; accept that spelling in YAML and --set.
+    if isinstance(value, str) and "/" in value:
+        try:
+            return float(Fraction(value.replace(" ", "")))
+        except (ValueError, ZeroDivisionError):
+            return value
+    return value
+
+
+PixelFloat = Annotated[float, BeforeValidator(_parse_fraction)]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class AugmentConfig(Section):
+    """SimCLR view augmentation, run on the device per sample."""
+
+    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
+    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range")
+    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="crop resampling")
+    flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
+    jitter: tuple[float, float, float, float] = Field(
+        (0.4, 0.4, 0.4, 0.1), description="colour jitter strength: brightness, contrast, saturation, hue"
+    )
+    jitter_p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter")
+    grayscale_p: float = Field(0.2, ge=0, le=1, description="probability of converting to grayscale")
+
+
+class DataConfig(Section):
+    """Where the pretraining images come from (any Hugging Face image dataset)."""
+
+    path: str = Field(
+        "uoft-cs/cifar10",
+        description="Hub id, local dataset folder, save_to_disk folder, image folder, or builtin:digits",
+    )
+    name: str | None = Field(None, description="dataset configuration name (load_dataset's `name`)")
+    split: str = Field("train", description="split used for pretraining")
+    eval_split: str = Field("test", description="held-out split for the end-of-run linear probe")
+    image_column: str | None = Field(None, description="image column; auto-detected when unambiguous")
+    label_column: str | None = Field(None, description="class-label column (probe only); auto-detected")
+    resolution: int = Field(32, gt=0, description="images are resized to resolution×resolution")
+    max_samples: int | None = Field(None, gt=0, description="use only the first N images of the split")
+
+
+class ModelConfig(Section):
+    """The ResNet encoder (CIFAR or ImageNet stem); normalisation lives inside the model."""
+
+    block_layers: list[int] = Field([2, 2, 2, 2], description="basic blocks per stage (ResNet-18: 2,2,2,2)")
+    widths: list[int] = Field([64, 128, 256, 512], description="channels per stage")
+    stem: Literal["cifar", "imagenet"] = Field("cifar", description="cifar: 3×3 s1 conv; imagenet: 7×7 s2 + pool")
+    stem_padding: int | None = Field(None, ge=0, description="stem conv padding (default 1 cifar, 3 imagenet)")
+    image_mean: list[float] = Field([0.485, 0.456, 0.406], description="normalisation mean inside the model")
+    image_std: list[float] = Field([0.229, 0.224, 0.225], description="normalisation std inside the model")
+
+    @model_validator(mode="after")
+    def _same_lengths(self) -> ModelConfig:
+        if len(self.block_layers) != len(self.widths):
+            raise ValueError("model.block_layers and model.widths must have the same length")
+        return self
+
+
+class ACLOptions(Section):
+    """ACL (Jiang et al., NeurIPS 2020)."""
+
+    variant: Literal["ds", "a2a", "a2s"] = Field(
+        "ds", description="ds: clean+adversarial dual stream (dual BN); a2a: both views attacked; a2s: one view"
+    )
+    projector_layers: Literal[2, 3] = Field(3, description="projection head depth (paper: 3)")
+    projector_dim: int | None = Field(None, gt=0, description="projection width (default: feature dim)")
+
+
+class MethodConfig(Section):
+    """Which self-supervised method trains the encoder; each method reads its own sub-section."""
+
+    name: Literal["acl"] = Field("acl", description="method to run (registry in robustcl/methods)")
+    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature")
+    acl: ACLOptions = Field(default_factory=ACLOptions)
+
+
+class AttackConfig(Section):
+    """The L∞ PGD attack used inside pretraining (pixel space, images in [0, 1])."""
+
+    epsilon: PixelFloat = Field(8 / 255, ge=0, description="L∞ radius (accepts '8/255')")
+    step_size: PixelFloat = Field(2 / 255, ge=0, description="PGD step (accepts '2/255')")
+    steps: int = Field(5, ge=0, description="PGD iterations")
+    random_start: bool = Field(True, description="uniform random start inside the ε-ball")
+    bn_mode: Literal["eval", "train"] = Field("eval", description="BN mode of the model while attacking")
+
+
+class OptimizerConfig(Section):
+    name: Literal["lars", "sgd"] = Field("lars", description="lars (You et al.) or sgd")
+    lr: float = Field(5.0, gt=0, description="peak learning rate")
+    weight_decay: float = Field(1e-6, ge=0, description="L2 weight decay (all parameters)")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum")
+    trust_coefficient: float = Field(1e-3, gt=0, description="LARS trust coefficient η")
+    nesterov: bool = Field(False, description="Nesterov momentum (sgd only)")
+
+
+class ScheduleConfig(Section):
+    name: Literal["cosine", "constant"] = Field("cosine", description="per-step learning-rate schedule")
+    warmup_epochs: float = Field(10, ge=0, description="linear warm-up length in epochs")
+    min_lr: float = Field(1e-6, ge=0, description="final learning rate of the cosine")
+
+
+class TrainingConfig(Section):
+    epochs: int = Field(1000, gt=0, description="training length in epochs (ignored when max_steps is set)")
+    max_steps: int | None = Field(None, gt=0, description="training length in optimizer steps")
+    batch_size: int = Field(512, gt=0, description="global batch size in images (all processes together)")
+    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    checkpoint_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints kept in the run directory")
+    seed: int = Field(0, description="seed for initialisation, data order, augmentation and attack starts")
+
+
+class LoggingConfig(Section):
+    every_steps: int = Field(10, gt=0, description="log metrics every N steps")
+    trackers: list[Literal["tensorboard"]] = Field(["tensorboard"], description="Accelerate trackers (if installed)")
+    progress_bar: bool = Field(True, description="progress bar on the main process")
+
+
+class ProbeConfig(Section):
+    """A quick linear probe at the end of pretraining: clean and PGD accuracy on data.eval_split."""
+
+    enabled: bool = Field(False, description="run the probe after training")
+    max_train: int = Field(5000, gt=0, description="training images for the linear head")
+    max_test: int = Field(1000, gt=0, description="held-out images measured")
+    steps: int = Field(200, gt=0, description="full-batch L-BFGS iterations for the head")
+    pgd_steps: int = Field(20, ge=0, description="PGD steps of the robust-accuracy attack")
+    epsilon: PixelFloat = Field(8 / 255, ge=0, description="L∞ radius of the robust-accuracy attack")
+    step_size: PixelFloat = Field(2 / 255, ge=0, description="PGD step of the robust-accuracy attack")
+
+
+class ExportConfig(Section):
+    bn_branch: str | None = Field(None, description="BN branch exported (default: 'pgd' when present)")
+
+
+class Recipe(Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: MethodConfig = Field(default_factory=MethodConfig)
+    attack: AttackConfig = Field(default_factory=AttackConfig)
+    optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.to_dict(), Dumper=_RecipeDumper, sort_keys=False)
+
+
+class _RecipeDumper(yaml.SafeDumper):
+    """Writes short lists of numbers inline ([0.1, 1.0]) so a resolved recipe reads like a hand-written one."""
+
+
+def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
+    flow = all(isinstance(v, (int, float, str, bool)) or v is None for v in data)
+    return dumper.represent_sequence("tag:yaml.org,2002:seq", data, flow_style=flow)
+
+
+_RecipeDumper.add_representer(list, _represent_list)
+
+
+# Keys that may change between a run and its resumption: only the training length.
+RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps")}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``a.b=c`` → (["a", "b"], value); the value is parsed as YAML, so 8 is an int and [1,2] a list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"malformed override '{text}'", "--set", "write it as KEY=VALUE, e.g. training.max_steps=100")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise UserError(
+                f"cannot set '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is a value, not a section", "--set"
+            )
+        node = child
+    node[path[-1]] = value
+
+
+def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Recipe
+    for part in loc:
+        if model is None:
+            return None
+        field = model.model_fields.get(str(part))
+        if field is None:
+            return None
+        ann = field.annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _format_validation_error(err: ValidationError, source: str) -> UserError:
+    first = err.errors()[0]
+    loc = tuple(p for p in first["loc"] if not isinstance(p, int))
+    key = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        parent = _section_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        fix = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
+        fix = (fix + " " if fix else "") + f"valid keys here: {', '.join(valid)}"
+        return UserError(f"unknown recipe key '{key}'", source, fix)
+    msg = first["msg"].replace("\n", " ")
+    given = first.get("input")
+    if first["type"] == "value_error":
+        return UserError(f"invalid recipe: {msg.removeprefix('Value error, ')}", source)
+    return UserError(f"invalid value for '{key}': {msg} (got {given!r})", source, "fix the value in the recipe or --set")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe YAML, apply ``--set`` overrides, validate. Raises :class:`UserError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError("recipe file not found", str(path), "give the path to a YAML recipe, e.g. recipes/acl.yaml")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        line = f"{path}:{where.line + 1}" if where else str(path)
+        raise UserError("recipe is not valid YAML", line, "check indentation and quoting") from None
+    if not isinstance(tree, dict):
+        raise UserError("recipe must be a mapping of sections", str(path), "start with e.g. 'data:' / 'training:'")
+    source = str(path)
+    if overrides:
+        for text in overrides:
+            keys, value = parse_override(text)
+            apply_override(tree, keys, value)
+        source += " with --set " + " ".join(overrides)
+    return recipe_from_dict(tree, source)
+
+
+def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
+    try:
+        return Recipe.model_validate(tree)
+    except ValidationError as err:
+        raise _format_validation_error(err, source) from None
+
+
+def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
+    """Key paths whose values differ between two recipes, except the training length."""
+
+    def flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
+        if isinstance(tree, dict):
+            out: dict[tuple[str, ...], Any] = {}
+            for k, v in tree.items():
+                out.update(flatten(v, (*prefix, k)))
+            return out
+        return {prefix: tree}
+
+    a, b = flatten(old.to_dict()), flatten(new.to_dict())
+    return [
+        ".".join(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
+    ]
+
+
+def describe_keys() -> str:
+    """One line per key: path, default, description (for ``robustcl recipe show --describe``)."""
+    lines: list[str] = []
+
+    def walk(model: type[BaseModel], prefix: str) -> None:
+        for name, field in model.model_fields.items():
+            ann = field.annotation
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{prefix}{name}.")
+                continue
+            default = field.get_default(call_default_factory=True)
+            lines.append(f"{prefix}{name} = {default!r}  # {field.description or ''}")
+
+    walk(Recipe, "")
+    return "\n".join(lines)

@@ -1,0 +1,219 @@
+"""The pretraining loop on Accelerate: one loop for every method, precision, accumulation, checkpoints, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration
+from tqdm.auto import tqdm
+
+from .data.batches import EpochBatches, step_generator
+from .data.loading import load_images
+from .errors import UserError
+from .export import export_encoder
+from .methods import build_method
+from .optim import build_optimizer, build_scheduler
+from .recipe import Recipe, recipe_differences
+from .run_dir import RECIPE_FILE, latest_checkpoint, load_checkpoint, read_run_recipe, save_checkpoint
+
+ENCODER_DIR = "encoder"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+
+
+@dataclass
+class RunSummary:
+    run_dir: Path
+    encoder_dir: Path
+    steps: int
+    images_seen: int
+    wall_time_s: float
+    final_loss: float
+    probe: dict[str, Any] | None
+
+
+def _mixed_precision(precision: str, on_cpu: bool) -> str:
+    if precision == "auto":
+        return "no" if on_cpu else ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
+    return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+
+
+def _installed_trackers(names: list[str]) -> list[str]:
+    import importlib.util
+
+    modules = {"tensorboard": "torch.utils.tensorboard"}
+    available = []
+    for name in names:
+        try:
+            if importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec(modules[name]):
+                available.append(name)
+        except ModuleNotFoundError:
+            pass
+    return available
+
+
+def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
+    on_cpu = not torch.cuda.is_available()
+    trackers = _installed_trackers(recipe.logging.trackers)
+    accelerator = Accelerator(
+        cpu=on_cpu,
+        mixed_precision=_mixed_precision(recipe.training.precision, on_cpu),
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+    )
+    expected = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes != expected:
+        # `accelerate launch --cpu --num_processes 2` silently starts one process; `--multi_gpu` without a GPU
+        # starts independent processes. Both would train something other than what was asked.
+        raise UserError(
+            f"got {accelerator.num_processes} training process(es) but WORLD_SIZE={expected}",
+            "launcher",
+            "on CPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N",
+        )
+    return accelerator
+
+
+def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
+    """Refuse to mix runs: an existing run dir must hold the same recipe (training length aside)."""
+    previous = read_run_recipe(run_dir)
+    has_checkpoint = latest_checkpoint(run_dir) is not None
+    if previous is None:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise UserError(
+                "output directory is not empty and holds no robustcl run", str(run_dir),
+                "choose another --output-dir",
+            )
+        return
+    if has_checkpoint and not resume:
+        raise UserError(
+            "output directory already holds a run with checkpoints", str(run_dir),
+            "resume it (--resume, the default) or choose another --output-dir",
+        )
+    diffs = recipe_differences(previous, recipe)
+    if diffs:
+        raise UserError(
+            f"output directory holds a run with a different recipe (differs in: {', '.join(diffs)})",
+            str(run_dir / RECIPE_FILE),
+            "use the run's own recipe (only training.epochs / training.max_steps may change) or a new --output-dir",
+        )
+
+
+def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
+    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export and probe."""
+    run_dir = Path(run_dir)
+    prepare_run_dir(run_dir, recipe, resume)
+    accelerator = make_accelerator(recipe, run_dir)
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+    accelerator.wait_for_everyone()
+    torch.manual_seed(recipe.training.seed)
+
+    t = recipe.training
+    data = load_images(
+        recipe.data.path, recipe.data.split, resolution=recipe.data.resolution, name=recipe.data.name,
+        image_column=recipe.data.image_column, label_column=recipe.data.label_column,
+        max_samples=recipe.data.max_samples, progress=accelerator.is_local_main_process,
+    )
+    batches = EpochBatches(
+        len(data.images), t.batch_size, t.seed, accelerator.num_processes, accelerator.process_index,
+        t.grad_accum_steps,
+    )
+    total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
+    # The whole uint8 dataset goes to the accelerator when there is one: batches are then gathered there.
+    images = data.images.to(accelerator.device) if accelerator.device.type != "cpu" else data.images
+
+    method = build_method(recipe)
+    optimizer = build_optimizer(method.parameters(), recipe.optimizer)
+    scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, batches.steps_per_epoch, recipe.optimizer.lr)
+    model, optimizer = accelerator.prepare(method, optimizer)
+    # The scheduler is not passed to prepare(): we step it once per optimizer step (Accelerate's wrapper would
+    # step it once per process) and checkpoint its state ourselves.
+    step = 0
+    checkpoint = latest_checkpoint(run_dir) if resume else None
+    if checkpoint is not None:
+        train_state = load_checkpoint(accelerator, checkpoint)
+        step = int(train_state["step"])
+        scheduler.load_state_dict(train_state["scheduler"])
+        accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
+    if accelerator.is_main_process:
+        accelerator.init_trackers("robustcl", config={"recipe": recipe.to_yaml()})
+
+    unwrapped = accelerator.unwrap_model(model)
+    metrics_path = run_dir / METRICS_FILE
+    bar = tqdm(
+        total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
+        disable=not (accelerator.is_main_process and recipe.logging.progress_bar),
+    )
+    start_step, started = step, time.perf_counter()
+    window_loss: dict[str, torch.Tensor] = {}
+    window_steps, window_start = 0, time.perf_counter()
+    last_loss = float("nan")
+    model.train()
+    while step < total_steps:
+        for micro in range(t.grad_accum_steps):
+            idx = batches.indices(step, micro).to(images.device)
+            batch = images.index_select(0, idx).to(accelerator.device, non_blocking=True)
+            generator = step_generator(t.seed, step, micro, accelerator.process_index, accelerator.device)
+            sync = micro == t.grad_accum_steps - 1
+            with nullcontext() if sync else accelerator.no_sync(model):
+                loss, metrics = model(batch, generator)
+                accelerator.backward(loss / t.grad_accum_steps)
+            for name, value in {"loss": loss.detach(), **metrics}.items():
+                window_loss[name] = window_loss.get(name, 0) + value.float() / t.grad_accum_steps
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        window_steps += 1
+
+        if step % recipe.logging.every_steps == 0 or step == total_steps:
+            reduced = {k: accelerator.reduce(v, "mean").item() / window_steps for k, v in window_loss.items()}
+            elapsed = time.perf_counter() - window_start
+            if not math.isfinite(reduced["loss"]):
+                raise FloatingPointError(f"loss is {reduced['loss']} at step {step}")
+            record = {
+                "step": step, "epoch": batches.epoch_of(step - 1),
+                **reduced, "lr": scheduler.get_last_lr()[0],
+                "images_per_s": window_steps * t.batch_size / max(elapsed, 1e-9),
+            }
+            last_loss = reduced["loss"]
+            if accelerator.is_main_process:
+                with metrics_path.open("a") as f:
+                    f.write(json.dumps(record) + "\n")
+                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
+            accelerator.log(record, step=step)
+            window_loss, window_steps, window_start = {}, 0, time.perf_counter()
+        bar.update(1)
+        every = t.checkpoint_every
+        if (every and step % every == 0) or step == total_steps:
+            train_state = {"step": step, "scheduler": scheduler.state_dict()}
+            save_checkpoint(accelerator, run_dir, step, t.keep_checkpoints, train_state)
+    bar.close()
+    wall = time.perf_counter() - started
+    accelerator.end_training()
+
+    summary = RunSummary(
+        run_dir=run_dir, encoder_dir=run_dir / ENCODER_DIR, steps=step,
+        images_seen=(step - start_step) * t.batch_size, wall_time_s=wall, final_loss=last_loss, probe=None,
+    )
+    if accelerator.is_main_process:
+        branch = recipe.export.bn_branch or unwrapped.export_branch
+        exported = export_encoder(unwrapped.encoder, branch, summary.encoder_dir, recipe)
+        if recipe.probe.enabled:
+            from .probe import run_probe
+
+            summary.probe = run_probe(exported, recipe, accelerator.device)
+        record = {**summary.__dict__, "run_dir": str(run_dir), "encoder_dir": str(summary.encoder_dir)}
+        (run_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2))
+    accelerator.wait_for_everyone()
+    return summary
