@@ -200,7 +200,6 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
             save_checkpoint(accelerator, run_dir, step, t.keep_checkpoints, train_state)
     bar.close()
     wall = time.perf_counter() - started
-    accelerator.end_training()
 
     summary = RunSummary(
         run_dir=run_dir, encoder_dir=run_dir / ENCODER_DIR, steps=step,
@@ -216,4 +215,5 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
         record = {**summary.__dict__, "run_dir": str(run_dir), "encoder_dir": str(summary.encoder_dir)}
         (run_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2))
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # also tears down the process group: nothing collective after this
     return summary

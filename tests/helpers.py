@@ -1,0 +1,48 @@
+"""Shared pieces of the end-to-end tests: running the real CLI in subprocesses on small, real data."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+CIFAR10 = REPO.parent / "shared" / "datasets" / "cifar10"
+BIN = Path(sys.executable).parent
+
+# A model and schedule small enough for a CPU test yet the real ACL-DS step (dual BN, PGD, LARS).
+TINY = [
+    "model.widths=[8,16,32,64]",
+    "model.block_layers=[1,1,1,1]",
+    "data.resolution=8",
+    "training.batch_size=32",
+    "attack.steps=2",
+    "logging.every_steps=1",
+    "probe.max_train=300",
+    "probe.max_test=100",
+    "probe.steps=30",
+    "probe.pgd_steps=5",
+]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", TQDM_DISABLE="1", PYTHONUNBUFFERED="1")
+    env.pop("WORLD_SIZE", None)
+    env.update(extra)
+    return env
+
+
+def robustcl(*args: str, cwd: Path = REPO, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(BIN / "robustcl"), *args], cwd=cwd, env=cli_env(**env), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+def with_sets(*sets: str) -> list[str]:
+    out: list[str] = []
+    for s in sets:
+        out += ["--set", s]
+    return out
