@@ -22,7 +22,10 @@ app = typer.Typer(
 recipe_app = typer.Typer(help="Inspect and check recipes without training.", no_args_is_help=True)
 app.add_typer(recipe_app, name="recipe")
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/acl.yaml.", show_default=False, metavar="RECIPE")]
+RecipeArg = Annotated[
+    Path,
+    typer.Argument(help="Recipe YAML file, e.g. recipes/acl.yaml.", show_default=False, metavar="RECIPE"),
+]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -64,8 +67,10 @@ def pretrain(
     loaded = load_recipe(recipe, set_)
     summary = run_pretrain(loaded, output_dir or _default_run_dir(recipe), resume=resume)
     if _is_main_process():
-        typer.echo(f"\nrobustcl: trained {summary.steps} steps in {summary.wall_time_s:.1f}s "
-                   f"(final loss {summary.final_loss:.4f})")
+        typer.echo(
+            f"\nrobustcl: trained {summary.steps} steps in {summary.wall_time_s:.1f}s "
+            f"(final loss {summary.final_loss:.4f})"
+        )
         typer.echo(f"robustcl: encoder exported to {summary.encoder_dir}")
         if summary.probe:
             p = summary.probe
@@ -110,7 +115,8 @@ def recipe_validate(
     recipe: RecipeArg,
     set_: SetOpt = None,
     check_data: Annotated[
-        bool, typer.Option("--check-data/--no-check-data", help="Also open the dataset and check its columns.")
+        bool,
+        typer.Option("--check-data/--no-check-data", help="Also open the dataset and check its columns."),
     ] = True,
 ) -> None:
     """Check a recipe: keys, types, ranges and (by default) that the dataset opens and has an image column.
@@ -125,8 +131,10 @@ def recipe_validate(
         image_col, label_col = check_dataset(
             d.path, d.split, name=d.name, image_column=d.image_column, label_column=d.label_column
         )
-        typer.echo(f"robustcl: {recipe} is valid (data: {d.path} [{d.split}], image column '{image_col}', "
-                   f"label column {label_col!r})")
+        typer.echo(
+            f"robustcl: {recipe} is valid (data: {d.path} [{d.split}], image column '{image_col}', "
+            f"label column {label_col!r})"
+        )
     else:
         typer.echo(f"robustcl: {recipe} is valid")
 

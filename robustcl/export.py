@@ -26,7 +26,8 @@ def export_encoder(
     branches = list(encoder.config.bn_branches)
     if branches and bn_branch not in branches:
         raise UserError(
-            f"BN branch '{bn_branch}' does not exist in this encoder", "export.bn_branch",
+            f"BN branch '{bn_branch}' does not exist in this encoder",
+            "export.bn_branch",
             f"choose one of {', '.join(branches)}",
         )
     model = encoder.to_single_branch(bn_branch) if branches else encoder.to_single_branch(None)
@@ -55,7 +56,8 @@ def export_run(run_dir: Path, out_dir: Path, bn_branch: str | None = None) -> Pa
     recipe = read_run_recipe(run_dir)
     if recipe is None:
         raise UserError(
-            "not a robustcl run directory (no recipe.yaml)", str(run_dir),
+            "not a robustcl run directory (no recipe.yaml)",
+            str(run_dir),
             "give the --output-dir of a robustcl pretrain run",
         )
     checkpoint = require_checkpoint(run_dir)

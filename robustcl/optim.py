@@ -63,7 +63,10 @@ class LARS(torch.optim.Optimizer):
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
     if cfg.name == "lars":
         return LARS(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+            params,
+            lr=cfg.lr,
+            momentum=cfg.momentum,
+            weight_decay=cfg.weight_decay,
             trust_coefficient=cfg.trust_coefficient,
         )
     return torch.optim.SGD(
@@ -84,7 +87,11 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConfi
 
 
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int, steps_per_epoch: int, peak_lr: float
+    optimizer: torch.optim.Optimizer,
+    cfg: ScheduleConfig,
+    total_steps: int,
+    steps_per_epoch: int,
+    peak_lr: float,
 ) -> LambdaLR:
     warmup = round(cfg.warmup_epochs * steps_per_epoch)
     return LambdaLR(optimizer, lambda step: lr_factor(step, total_steps, warmup, cfg, peak_lr))

@@ -63,18 +63,24 @@ def run_probe(encoder: nn.Module, recipe: Recipe, device: torch.device, seed: in
     """Train a linear head on ``data.split`` and measure clean / PGD accuracy on ``data.eval_split``."""
     d, p = recipe.data, recipe.probe
     common = dict(
-        resolution=d.resolution, name=d.name, image_column=d.image_column, label_column=d.label_column,
+        resolution=d.resolution,
+        name=d.name,
+        image_column=d.image_column,
+        label_column=d.label_column,
         progress=False,
     )
     train = load_images(d.path, d.split, max_samples=p.max_train, **common)
     test = load_images(d.path, d.eval_split, max_samples=p.max_test, **common)
     if train.labels is None or test.labels is None or not train.num_classes:
         raise UserError(
-            "the linear probe needs class labels", "data.label_column",
+            "the linear probe needs class labels",
+            "data.label_column",
             "name the label column, or set probe.enabled=false",
         )
     encoder = encoder.to(device).eval()
-    head = fit_linear_head(_features(encoder, train.images, device), train.labels.to(device), train.num_classes, p.steps)
+    head = fit_linear_head(
+        _features(encoder, train.images, device), train.labels.to(device), train.num_classes, p.steps
+    )
     model = LinearProbe(encoder, head).eval()
     generator = torch.Generator(device=device).manual_seed(recipe.training.seed if seed is None else seed)
     clean = robust = 0
@@ -83,13 +89,23 @@ def run_probe(encoder: nn.Module, recipe: Recipe, device: torch.device, seed: in
         with torch.no_grad():
             clean += (model(x).argmax(1) == y).sum().item()
         x_adv = pgd_attack(
-            lambda z: F.cross_entropy(model(z), y), x, epsilon=p.epsilon, step_size=p.step_size,
-            steps=p.pgd_steps, random_start=True, generator=generator,
+            lambda z, y=y: F.cross_entropy(model(z), y),
+            x,
+            epsilon=p.epsilon,
+            step_size=p.step_size,
+            steps=p.pgd_steps,
+            random_start=True,
+            generator=generator,
         )
         with torch.no_grad():
             robust += (model(x_adv).argmax(1) == y).sum().item()
     n = len(test.images)
     return {
-        "train_images": len(train.images), "test_images": n, "clean_accuracy": clean / n,
-        "pgd_accuracy": robust / n, "pgd_steps": p.pgd_steps, "epsilon": p.epsilon, "split": d.eval_split,
+        "train_images": len(train.images),
+        "test_images": n,
+        "clean_accuracy": clean / n,
+        "pgd_accuracy": robust / n,
+        "pgd_steps": p.pgd_steps,
+        "epsilon": p.epsilon,
+        "split": d.eval_split,
     }

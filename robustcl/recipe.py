@@ -85,7 +85,8 @@ class ACLOptions(Section):
     """ACL (Jiang et al., NeurIPS 2020)."""
 
     variant: Literal["ds", "a2a", "a2s"] = Field(
-        "ds", description="ds: clean+adversarial dual stream (dual BN); a2a: both views attacked; a2s: one view"
+        "ds",
+        description="ds: clean+adversarial dual stream (dual BN); a2a: both views attacked; a2s: one view",
     )
     projector_layers: Literal[2, 3] = Field(3, description="projection head depth (paper: 3)")
     projector_dim: int | None = Field(None, gt=0, description="projection width (default: feature dim)")
@@ -213,7 +214,8 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise UserError(
-                f"cannot set '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is a value, not a section", "--set"
+                f"cannot set '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is a value, not a section",
+                "--set",
             )
         node = child
     node[path[-1]] = value
@@ -247,7 +249,9 @@ def _format_validation_error(err: ValidationError, source: str) -> UserError:
     given = first.get("input")
     if first["type"] == "value_error":
         return UserError(f"invalid recipe: {msg.removeprefix('Value error, ')}", source)
-    return UserError(f"invalid value for '{key}': {msg} (got {given!r})", source, "fix the value in the recipe or --set")
+    return UserError(
+        f"invalid value for '{key}': {msg} (got {given!r})", source, "fix the value in the recipe or --set"
+    )
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
@@ -291,9 +295,7 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
         return {prefix: tree}
 
     a, b = flatten(old.to_dict()), flatten(new.to_dict())
-    return [
-        ".".join(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES
-    ]
+    return [".".join(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
 
 
 def describe_keys() -> str:

@@ -58,9 +58,7 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(
-    accelerator: Accelerator, run_dir: Path, step: int, keep: int, train_state: dict[str, Any]
-) -> Path:
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int, train_state: dict[str, Any]) -> Path:
     """Write the full training state for ``step`` into a temporary folder, then rename it into place.
 
     A run killed at any moment leaves either the previous checkpoints or the new complete one, never a
@@ -105,7 +103,8 @@ def require_checkpoint(run_dir: Path) -> Path:
     ckpt = latest_checkpoint(run_dir)
     if ckpt is None:
         raise UserError(
-            "no complete checkpoint in the run directory", str(Path(run_dir) / CHECKPOINTS),
+            "no complete checkpoint in the run directory",
+            str(Path(run_dir) / CHECKPOINTS),
             "train first (robustcl pretrain RECIPE --output-dir RUN_DIR) or give the right RUN_DIR",
         )
     return ckpt

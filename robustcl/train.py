@@ -89,13 +89,15 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     if previous is None:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(
-                "output directory is not empty and holds no robustcl run", str(run_dir),
+                "output directory is not empty and holds no robustcl run",
+                str(run_dir),
                 "choose another --output-dir",
             )
         return
     if has_checkpoint and not resume:
         raise UserError(
-            "output directory already holds a run with checkpoints", str(run_dir),
+            "output directory already holds a run with checkpoints",
+            str(run_dir),
             "resume it (--resume, the default) or choose another --output-dir",
         )
     diffs = recipe_differences(previous, recipe)
@@ -120,12 +122,21 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
 
     t = recipe.training
     data = load_images(
-        recipe.data.path, recipe.data.split, resolution=recipe.data.resolution, name=recipe.data.name,
-        image_column=recipe.data.image_column, label_column=recipe.data.label_column,
-        max_samples=recipe.data.max_samples, progress=accelerator.is_local_main_process,
+        recipe.data.path,
+        recipe.data.split,
+        resolution=recipe.data.resolution,
+        name=recipe.data.name,
+        image_column=recipe.data.image_column,
+        label_column=recipe.data.label_column,
+        max_samples=recipe.data.max_samples,
+        progress=accelerator.is_local_main_process,
     )
     batches = EpochBatches(
-        len(data.images), t.batch_size, t.seed, accelerator.num_processes, accelerator.process_index,
+        len(data.images),
+        t.batch_size,
+        t.seed,
+        accelerator.num_processes,
+        accelerator.process_index,
         t.grad_accum_steps,
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
@@ -151,7 +162,11 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     unwrapped = accelerator.unwrap_model(model)
     metrics_path = run_dir / METRICS_FILE
     bar = tqdm(
-        total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True,
+        total=total_steps,
+        initial=step,
+        desc="pretrain",
+        unit="step",
+        dynamic_ncols=True,
         disable=not (accelerator.is_main_process and recipe.logging.progress_bar),
     )
     start_step, started = step, time.perf_counter()
@@ -182,15 +197,19 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
             if not math.isfinite(reduced["loss"]):
                 raise FloatingPointError(f"loss is {reduced['loss']} at step {step}")
             record = {
-                "step": step, "epoch": batches.epoch_of(step - 1),
-                **reduced, "lr": scheduler.get_last_lr()[0],
+                "step": step,
+                "epoch": batches.epoch_of(step - 1),
+                **reduced,
+                "lr": scheduler.get_last_lr()[0],
                 "images_per_s": window_steps * t.batch_size / max(elapsed, 1e-9),
             }
             last_loss = reduced["loss"]
             if accelerator.is_main_process:
                 with metrics_path.open("a") as f:
                     f.write(json.dumps(record) + "\n")
-                bar.set_postfix(loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
+                bar.set_postfix(
+                    loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}"
+                )
             accelerator.log(record, step=step)
             window_loss, window_steps, window_start = {}, 0, time.perf_counter()
         bar.update(1)
@@ -202,8 +221,13 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     wall = time.perf_counter() - started
 
     summary = RunSummary(
-        run_dir=run_dir, encoder_dir=run_dir / ENCODER_DIR, steps=step,
-        images_seen=(step - start_step) * t.batch_size, wall_time_s=wall, final_loss=last_loss, probe=None,
+        run_dir=run_dir,
+        encoder_dir=run_dir / ENCODER_DIR,
+        steps=step,
+        images_seen=(step - start_step) * t.batch_size,
+        wall_time_s=wall,
+        final_loss=last_loss,
+        probe=None,
     )
     if accelerator.is_main_process:
         branch = recipe.export.bn_branch or unwrapped.export_branch

@@ -36,7 +36,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 def robustcl(*args: str, cwd: Path = REPO, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [str(BIN / "robustcl"), *args], cwd=cwd, env=cli_env(**env), capture_output=True, text=True,
+        [str(BIN / "robustcl"), *args],
+        cwd=cwd,
+        env=cli_env(**env),
+        capture_output=True,
+        text=True,
         timeout=timeout,
     )
 

@@ -14,21 +14,63 @@ pytestmark = [
     pytest.mark.skipif(not CIFAR10.is_dir(), reason=f"CIFAR-10 copy not found at {CIFAR10}"),
 ]
 
-ACL_SETS = ["--set", f"data.path={CIFAR10}", "--set", "training.max_steps=2", "--set", "training.batch_size=8"]
+ACL_SETS = [
+    "--set",
+    f"data.path={CIFAR10}",
+    "--set",
+    "training.max_steps=2",
+    "--set",
+    "training.batch_size=8",
+]
 
 
 def _launch(launch_args, run_dir, **env):
-    cmd = [str(BIN / "accelerate"), "launch", *launch_args, "robustcl", "pretrain", "recipes/acl.yaml", *ACL_SETS,
-           "--output-dir", str(run_dir)]
+    cmd = [
+        str(BIN / "accelerate"),
+        "launch",
+        *launch_args,
+        "robustcl",
+        "pretrain",
+        "recipes/acl.yaml",
+        *ACL_SETS,
+        "--output-dir",
+        str(run_dir),
+    ]
     return subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.parametrize(
     "launch_args, env, processes",
     [
-        (["--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"], {}, 1),
-        (["--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-          "--dynamo_backend", "no"], {"ACCELERATE_USE_CPU": "true"}, 2),
+        (
+            [
+                "--num_processes",
+                "1",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+            ],
+            {},
+            1,
+        ),
+        (
+            [
+                "--multi_gpu",
+                "--num_processes",
+                "2",
+                "--num_machines",
+                "1",
+                "--mixed_precision",
+                "no",
+                "--dynamo_backend",
+                "no",
+            ],
+            {"ACCELERATE_USE_CPU": "true"},
+            2,
+        ),
     ],
     ids=["1-process", "2-processes-gloo"],
 )
@@ -46,7 +88,13 @@ def test_acl_ds_two_real_steps_on_cifar10(tmp_path, launch_args, env, processes)
 
 def test_literal_launch_without_flags_from_repo_root(tmp_path):
     """`accelerate launch robustcl ...` runs the package folder as a script; __main__ must fix sys.path."""
-    res = subprocess.run([str(BIN / "accelerate"), "launch", "robustcl", "recipe", "show", "recipes/acl.yaml"],
-                         cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    res = subprocess.run(
+        [str(BIN / "accelerate"), "launch", "robustcl", "recipe", "show", "recipes/acl.yaml"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "name: acl" in res.stdout

@@ -7,8 +7,9 @@ from robustcl.attacks import module_mode, pgd_attack
 
 def _classifier() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(8 * 8 * 8, 4))
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 8 * 8, 4)
+    )
 
 
 def test_pgd_increases_the_loss_and_respects_eps_and_pixel_range():
@@ -39,8 +40,14 @@ def test_pgd_leaves_parameter_grads_untouched_and_is_seeded():
     y = torch.tensor([0, 1, 2, 3])
 
     def run(seed):
-        return pgd_attack(lambda z: F.cross_entropy(model(z), y), x, epsilon=0.03, step_size=0.01, steps=3,
-                          generator=torch.Generator().manual_seed(seed))
+        return pgd_attack(
+            lambda z: F.cross_entropy(model(z), y),
+            x,
+            epsilon=0.03,
+            step_size=0.01,
+            steps=3,
+            generator=torch.Generator().manual_seed(seed),
+        )
 
     a, b, c = run(1), run(1), run(2)
     assert all(p.grad is None for p in model.parameters())

@@ -14,16 +14,18 @@ from robustcl.data.augment import (
     SimCLRAugmentParams,
     WeakAugment,
     WeakAugmentParams,
+    resized_crop,
+    sample_resized_crop_boxes,
+)
+from robustcl.data.color import (
     adjust_brightness,
     adjust_contrast,
     adjust_hue,
     adjust_saturation,
     color_jitter,
     hsv_to_rgb,
-    resized_crop,
     rgb_to_grayscale,
     rgb_to_hsv,
-    sample_resized_crop_boxes,
 )
 
 ACL = SimCLRAugmentParams(size=32, crop_scale=(0.1, 1.0))
@@ -43,9 +45,7 @@ def images_u8(n: int = 16, c: int = 3, h: int = 32, w: int = 32, seed: int = 123
 
 
 def no_op_params(**kw) -> SimCLRAugmentParams:
-    base = dict(
-        size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0
-    )
+    base = dict(size=32, crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
     base.update(kw)
     return SimCLRAugmentParams(**base)
 
@@ -161,9 +161,7 @@ def reference_boxes(n, height, width, scale, ratio, generator):
     return torch.tensor(boxes)
 
 
-@pytest.mark.parametrize(
-    "hw,scale", [((32, 32), (0.1, 1.0)), ((30, 50), (0.08, 1.0)), ((32, 32), (0.9, 1.0))]
-)
+@pytest.mark.parametrize("hw,scale", [((32, 32), (0.1, 1.0)), ((30, 50), (0.08, 1.0)), ((32, 32), (0.9, 1.0))])
 def test_crop_boxes_follow_torchvision_get_params(hw, scale) -> None:
     h, w = hw
     ratio = (3 / 4, 4 / 3)
@@ -187,13 +185,13 @@ def test_crop_boxes_inside_image_with_area_and_ratio_in_range() -> None:
     assert aspect.min() >= 3 / 4 - 2e-3 and aspect.max() <= 4 / 3 + 2e-3
 
     small = sample_resized_crop_boxes(n, 32, 32, (0.1, 1.0), (3 / 4, 4 / 3), gen(3), "cpu")
-    t, l, hh, ww = small.unbind(1)
-    assert (t >= 0).all() and (l >= 0).all() and (t + hh <= 32).all() and (l + ww <= 32).all()
+    t, left, hh, ww = small.unbind(1)
+    assert (t >= 0).all() and (left >= 0).all() and (t + hh <= 32).all() and (left + ww <= 32).all()
     # uniform area fraction in [0.1, 1] has mean 0.55; rejections of tall/wide crops pull it a bit lower
     mean_frac = ((hh * ww).double() / 1024).mean().item()
     assert 0.45 < mean_frac < 0.6
     # offsets are random, not always centred or at the origin
-    assert t.unique().numel() > 10 and l.unique().numel() > 10
+    assert t.unique().numel() > 10 and left.unique().numel() > 10
 
 
 def test_crop_fallback_is_centre_crop_clamped_to_ratio() -> None:
@@ -226,13 +224,13 @@ def test_resized_crop_matches_torch_antialiased_interpolate(mode, size) -> None:
     boxes = sample_resized_crop_boxes(24, 32, 32, (0.05, 1.0), (0.5, 2.0), gen(2), "cpu")
     flip = torch.rand(24, generator=gen(3)) < 0.5
     out = resized_crop(x, boxes, size, mode, flip)
-    for i, (t, l, h, w) in enumerate(boxes.tolist()):
-        crop = x[i : i + 1, :, t : t + h, l : l + w]
+    for i, (t, left, h, w) in enumerate(boxes.tolist()):
+        crop = x[i : i + 1, :, t : t + h, left : left + w]
         ref = F.interpolate(crop, size=(size, size), mode=mode, antialias=True, align_corners=False)
         ref = ref.clamp(0, 1)
         if flip[i]:
             ref = ref.flip(-1)
-        assert (out[i] - ref[0]).abs().max() < 1e-5, (i, (t, l, h, w))
+        assert (out[i] - ref[0]).abs().max() < 1e-5, (i, (t, left, h, w))
 
 
 def test_resized_crop_matches_pil_bicubic() -> None:
@@ -243,8 +241,8 @@ def test_resized_crop_matches_pil_bicubic() -> None:
     boxes = sample_resized_crop_boxes(32, 32, 32, (0.05, 1.0), (0.5, 2.0), gen(4), "cpu")
     out = resized_crop(x.float() / 255.0, boxes, 32, "bicubic") * 255.0
     diffs = []
-    for i, (t, l, h, w) in enumerate(boxes.tolist()):
-        pil = Image.fromarray(x[i].permute(1, 2, 0).numpy()).crop((l, t, l + w, t + h))
+    for i, (t, left, h, w) in enumerate(boxes.tolist()):
+        pil = Image.fromarray(x[i].permute(1, 2, 0).numpy()).crop((left, t, left + w, t + h))
         ref = torch.from_numpy(np.array(pil.resize((32, 32), Image.BICUBIC))).permute(2, 0, 1).float()
         diffs.append((out[i] - ref).abs())
     diffs = torch.stack(diffs)

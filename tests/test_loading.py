@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from robustcl.data import loading
+from robustcl.data import builtin
 from robustcl.data.loading import (
     BUILTIN_DIGITS,
     ImageData,
@@ -35,9 +35,7 @@ CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
 
 
 @pytest.fixture(autouse=True)
-def _offline_and_private_cache(
-    monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory
-) -> None:
+def _offline_and_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     # datasets reads these at import time, so the environment alone is not enough if it was imported earlier.
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
@@ -281,9 +279,7 @@ def test_array_image_columns_need_to_be_named(tmp_path: Path) -> None:
     path = str(tmp_path / "arrays")
     assert "data.image_column" in _error(load_images, path, "train", resolution=8)
     for column in ("chw", "hwc"):
-        data = load_images(
-            path, "train", resolution=8, image_column=column, label_column="label", progress=False
-        )
+        data = load_images(path, "train", resolution=8, image_column=column, label_column="label", progress=False)
         assert torch.equal(data.images, torch.from_numpy(chw))
         assert data.num_classes == 3 and data.class_names is None
     gray = load_images(path, "train", resolution=4, image_column="gray", progress=False)
@@ -365,22 +361,17 @@ def test_bad_resolution() -> None:
 # ------------------------------------------------------------------------------------------ paths / Hub
 
 
-@pytest.mark.parametrize(
-    "path", ["./no/such/folder", "/no/such/folder", "~/no-such-robustcl-folder", "a/b/c"]
-)
+@pytest.mark.parametrize("path", ["./no/such/folder", "/no/such/folder", "~/no-such-robustcl-folder", "a/b/c"])
 def test_missing_local_path(path: str) -> None:
     message = _error(load_images, path, "train", resolution=8)
     assert message == (
-        f"dataset path not found (data.path: {path}) — "
-        "check the path, or give a Hub dataset id like uoft-cs/cifar10"
+        f"dataset path not found (data.path: {path}) — check the path, or give a Hub dataset id like uoft-cs/cifar10"
     )
 
 
 def test_hub_id_offline_is_one_line() -> None:
     message = _error(open_split, "robustcl-test-owner/no-such-dataset", "train")
-    assert message.startswith(
-        "cannot load dataset 'robustcl-test-owner/no-such-dataset' from the Hugging Face Hub: "
-    )
+    assert message.startswith("cannot load dataset 'robustcl-test-owner/no-such-dataset' from the Hugging Face Hub: ")
     assert "(data.path) — check the id and your network, or point data.path to a local copy" in message
 
 
@@ -392,7 +383,7 @@ def test_unknown_builtin() -> None:
 
 
 def test_builtin_digits() -> None:
-    loading._digits_dataset_dict.cache_clear()
+    builtin._digits_dataset_dict.cache_clear()
     start = time.perf_counter()
     splits = {s: open_split(BUILTIN_DIGITS, s) for s in ("train", "test")}
     assert time.perf_counter() - start < 1.0
@@ -407,7 +398,7 @@ def test_builtin_digits() -> None:
         assert set(test.labels.tolist()) == set(range(10))
         assert train.source == "builtin:digits:train"
     # Deterministic across rebuilds, and the two splits are disjoint and cover all 1,797 images.
-    loading._digits_dataset_dict.cache_clear()
+    builtin._digits_dataset_dict.cache_clear()
     again = load_images(BUILTIN_DIGITS, "train", resolution=32, progress=False)
     assert torch.equal(again.images, train.images) and torch.equal(again.labels, train.labels)
     raw = open_split(BUILTIN_DIGITS, "train").with_format("arrow")[:]["image"].to_pylist()
@@ -463,9 +454,7 @@ def test_more_user_errors(tmp_path: Path) -> None:
     _small_labelled(3).to_parquet(str(parquet / "data" / "train-00000-of-00001.parquet"))
     assert "eval.data.name" in _error(open_split, str(parquet), "train", name="nope", key_prefix="eval.data")
     assert "data.split" in _error(open_split, str(parquet), "train[:nope]")
-    assert "cannot also be the labels" in _error(
-        load_images, str(saved), "train", resolution=8, label_column="image"
-    )
+    assert "cannot also be the labels" in _error(load_images, str(saved), "train", resolution=8, label_column="image")
 
 
 def test_bad_values_in_columns(tmp_path: Path) -> None:

@@ -43,5 +43,5 @@ def test_cosine_schedule_with_warmup():
     assert abs(lr_factor(55, 100, 10, cfg, 1.0) - 0.5) < 1e-9
     assert lr_factor(100, 100, 10, cfg, 1.0) < 1e-9
     opt = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=2.0)
-    sched = build_scheduler(opt, cfg, total_steps=100, steps_per_epoch=5, peak_lr=2.0)
+    build_scheduler(opt, cfg, total_steps=100, steps_per_epoch=5, peak_lr=2.0)
     assert abs(opt.param_groups[0]["lr"] - 0.2) < 1e-9  # step 0 of a 10-step warm-up

@@ -61,8 +61,8 @@ import torch
 model = AutoModel.from_pretrained({str(encoder)!r}, trust_remote_code=True).eval()
 assert "robustcl" not in sys.modules, "the export must load without robustcl"
 with torch.no_grad():
-    out = model(load_file({str(tmp_path / 'x.safetensors')!r})["x"])
-save_file({{"f": out.pooler_output.contiguous()}}, {str(tmp_path / 'f.safetensors')!r})
+    out = model(load_file({str(tmp_path / "x.safetensors")!r})["x"])
+save_file({{"f": out.pooler_output.contiguous()}}, {str(tmp_path / "f.safetensors")!r})
 """
     env = cli_env()
     env.pop("PYTHONPATH", None)
@@ -75,7 +75,10 @@ save_file({{"f": out.pooler_output.contiguous()}}, {str(tmp_path / 'f.safetensor
     # `robustcl export` of the same run writes the same weights as the trainer's own export.
     again = robustcl("export", str(run), str(tmp_path / "exported"))
     assert again.returncode == 0, again.stderr[-3000:]
-    a, b = load_file(str(encoder / "model.safetensors")), load_file(str(tmp_path / "exported/model.safetensors"))
+    a, b = (
+        load_file(str(encoder / "model.safetensors")),
+        load_file(str(tmp_path / "exported/model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -84,16 +87,25 @@ def _final_weights(run_dir, step):
 
 
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path):
-    sets = with_sets(*TINY, "training.max_steps=8", "training.checkpoint_every=2", "training.keep_checkpoints=8",
-                     "probe.enabled=false")
+    sets = with_sets(
+        *TINY,
+        "training.max_steps=8",
+        "training.checkpoint_every=2",
+        "training.keep_checkpoints=8",
+        "probe.enabled=false",
+    )
     straight = tmp_path / "straight"
     res = robustcl("pretrain", QUICK, "-o", str(straight), *sets)
     assert res.returncode == 0, res.stderr[-3000:]
 
     interrupted = tmp_path / "interrupted"
     proc = subprocess.Popen(
-        [str(BIN / "robustcl"), "pretrain", QUICK, "-o", str(interrupted), *sets], cwd=REPO, env=cli_env(),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [str(BIN / "robustcl"), "pretrain", QUICK, "-o", str(interrupted), *sets],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     first = interrupted / "checkpoints" / "step-00000002" / "COMPLETE"
     deadline = time.monotonic() + 300
@@ -124,8 +136,13 @@ def test_run_dir_refuses_a_different_recipe_and_no_resume(tmp_path):
     res = robustcl("pretrain", QUICK, "-o", str(run), "--no-resume", *with_sets(*sets))
     assert res.returncode == 2 and "already holds a run" in res.stderr
     # Only the training length may change: extending the run continues it.
-    res = robustcl("pretrain", QUICK, "-o", str(run), *with_sets(*sets[:-2], "training.max_steps=3",
-                                                                   "probe.enabled=false"))
+    res = robustcl(
+        "pretrain",
+        QUICK,
+        "-o",
+        str(run),
+        *with_sets(*sets[:-2], "training.max_steps=3", "probe.enabled=false"),
+    )
     assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr
     assert (run / "checkpoints" / "step-00000003" / "COMPLETE").exists()
 

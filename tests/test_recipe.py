@@ -19,15 +19,28 @@ def test_shipped_recipes_load_and_acl_has_the_paper_settings():
     assert (r.method.name, r.method.acl.variant, r.method.temperature) == ("acl", "ds", 0.5)
     assert r.data.path == "uoft-cs/cifar10" and r.model.widths == [64, 128, 256, 512]
     assert (r.attack.steps, round(r.attack.epsilon * 255), round(r.attack.step_size * 255)) == (5, 8, 2)
-    assert (r.optimizer.name, r.optimizer.lr, r.training.batch_size, r.training.epochs) == ("lars", 5.0, 512, 1000)
+    assert (r.optimizer.name, r.optimizer.lr, r.training.batch_size, r.training.epochs) == (
+        "lars",
+        5.0,
+        512,
+        1000,
+    )
     assert r.augment.crop_scale == (0.1, 1.0)
     for path in RECIPES.glob("*.yaml"):
         load_recipe(path)
 
 
 def test_overrides_convert_types_and_fractions(tmp_path):
-    r = load_recipe(RECIPES / "acl.yaml", ["training.max_steps=7", "attack.epsilon=4/255", "model.widths=[8,16,32,64]",
-                                           "data.path=../shared/datasets/cifar10", "method.acl.variant=a2a"])
+    r = load_recipe(
+        RECIPES / "acl.yaml",
+        [
+            "training.max_steps=7",
+            "attack.epsilon=4/255",
+            "model.widths=[8,16,32,64]",
+            "data.path=../shared/datasets/cifar10",
+            "method.acl.variant=a2a",
+        ],
+    )
     assert r.training.max_steps == 7 and abs(r.attack.epsilon - 4 / 255) < 1e-12
     assert r.model.widths == [8, 16, 32, 64] and r.data.path == "../shared/datasets/cifar10"
     assert r.method.acl.variant == "a2a"

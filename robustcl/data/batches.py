@@ -16,7 +16,12 @@ class EpochBatches:
     """
 
     def __init__(
-        self, num_images: int, global_batch: int, seed: int, num_processes: int = 1, process_index: int = 0,
+        self,
+        num_images: int,
+        global_batch: int,
+        seed: int,
+        num_processes: int = 1,
+        process_index: int = 0,
         grad_accum: int = 1,
     ) -> None:
         parts = num_processes * grad_accum

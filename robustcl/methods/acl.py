@@ -22,8 +22,13 @@ def simclr_augment(recipe: Recipe) -> SimCLRAugment:
     a = recipe.augment
     return SimCLRAugment(
         SimCLRAugmentParams(
-            size=recipe.data.resolution, crop_scale=tuple(a.crop_scale), crop_ratio=tuple(a.crop_ratio),
-            interpolation=a.interpolation, flip_p=a.flip_p, jitter=tuple(a.jitter), jitter_p=a.jitter_p,
+            size=recipe.data.resolution,
+            crop_scale=tuple(a.crop_scale),
+            crop_ratio=tuple(a.crop_ratio),
+            interpolation=a.interpolation,
+            flip_p=a.flip_p,
+            jitter=tuple(a.jitter),
+            jitter_p=a.jitter_p,
             grayscale_p=a.grayscale_p,
         )
     )
@@ -56,8 +61,13 @@ class ACL(Method):
         a = self.attack
         with module_mode(self, train=a.bn_mode == "train"):
             return pgd_attack(
-                loss_fn, x, epsilon=a.epsilon, step_size=a.step_size, steps=a.steps,
-                random_start=a.random_start, generator=generator,
+                loss_fn,
+                x,
+                epsilon=a.epsilon,
+                step_size=a.step_size,
+                steps=a.steps,
+                random_start=a.random_start,
+                generator=generator,
             )
 
     def forward(self, images: torch.Tensor, generator: torch.Generator):  # type: ignore[override]

@@ -38,9 +38,7 @@ class MultiBatchNorm(nn.Module):
         bn_cls = nn.BatchNorm2d if dim == 2 else nn.BatchNorm1d
         self.num_features = num_features
         self.dim = dim
-        self.branches = nn.ModuleDict(
-            {name: bn_cls(num_features, eps=eps, momentum=momentum) for name in branches}
-        )
+        self.branches = nn.ModuleDict({name: bn_cls(num_features, eps=eps, momentum=momentum) for name in branches})
         self.active_branch: str | None = None
 
     @property
@@ -130,8 +128,7 @@ def set_bn_branch(module: nn.Module, branch: str | None) -> _BranchRestorer:
         valid = bn_branch_names(module)
         if not mbns:
             raise ValueError(
-                f"bn_branch={branch!r} given, but {type(module).__name__} has only plain BatchNorm; "
-                "use bn_branch=None"
+                f"bn_branch={branch!r} given, but {type(module).__name__} has only plain BatchNorm; use bn_branch=None"
             )
         if branch not in valid:
             raise ValueError(f"unknown BN branch {branch!r}; valid branches: {valid}")
