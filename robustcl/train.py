@@ -48,17 +48,10 @@ def _mixed_precision(precision: str, on_cpu: bool) -> str:
 
 
 def _installed_trackers(names: list[str]) -> list[str]:
-    import importlib.util
+    """The recipe's trackers that can run here (TensorBoard is optional; metrics.jsonl is always written)."""
+    from accelerate.utils import is_tensorboard_available
 
-    modules = {"tensorboard": "torch.utils.tensorboard"}
-    available = []
-    for name in names:
-        try:
-            if importlib.util.find_spec("tensorboard") is not None and importlib.util.find_spec(modules[name]):
-                available.append(name)
-        except ModuleNotFoundError:
-            pass
-    return available
+    return [name for name in names if name != "tensorboard" or is_tensorboard_available()]
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:

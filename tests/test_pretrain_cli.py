@@ -192,3 +192,14 @@ def test_help_is_fast_and_documents_every_command():
         assert res.returncode == 0 and "Usage" in res.stdout
     res = subprocess.run([sys.executable, "-m", "robustcl", "--help"], cwd=REPO, capture_output=True, text=True)
     assert res.returncode == 0 and "pretrain" in res.stdout
+
+
+def test_gradient_accumulation_splits_the_global_batch(tmp_path):
+    run = tmp_path / "run"
+    sets = [*TINY, "training.max_steps=2", "training.grad_accum_steps=2", "probe.enabled=false"]
+    res = robustcl("pretrain", QUICK, "-o", str(run), *with_sets(*sets))
+    assert res.returncode == 0, res.stderr[-3000:]
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
+    res = robustcl("pretrain", QUICK, "-o", str(tmp_path / "bad"), *with_sets(*sets, "training.batch_size=33"))
+    assert res.returncode == 2 and "not divisible" in res.stderr and "Traceback" not in res.stderr
