@@ -187,6 +187,12 @@ def _load_error(path: str, exc: BaseException, *, hub: bool, where: str) -> User
     )
 
 
+def _refuse_config_name(name: str | None, what: str, key_prefix: str) -> None:
+    """Only Hub-layout datasets have named configurations; naming one elsewhere is a mistake worth reporting."""
+    if name is not None:
+        raise UserError(f"{what} has no named configurations", f"{key_prefix}.name", f"remove {key_prefix}.name")
+
+
 def _saved_without_rows(root: Path) -> bool:
     try:
         state = json.loads((root / "state.json").read_text())
@@ -196,12 +202,7 @@ def _saved_without_rows(root: Path) -> bool:
 
 
 def _open_saved(root: Path, path: str, split: str, name: str | None, key_prefix: str) -> datasets.Dataset:
-    if name is not None:
-        raise UserError(
-            f"'{path}' is a save_to_disk folder, which has no named configurations",
-            f"{key_prefix}.name",
-            f"remove {key_prefix}.name",
-        )
+    _refuse_config_name(name, f"'{path}' is a save_to_disk folder, which", key_prefix)
     if _saved_without_rows(root):
         # datasets writes such a folder but cannot read it back (it indexes the first of zero shards).
         raise UserError(
@@ -246,12 +247,7 @@ def open_split(path: str, split: str, name: str | None = None, *, key_prefix: st
                 f"{key_prefix}.path",
                 f"use one of: {', '.join(_BUILTINS)}, or a Hub id / local folder",
             )
-        if name is not None:
-            raise UserError(
-                f"built-in dataset '{path}' has no named configurations",
-                f"{key_prefix}.name",
-                f"remove {key_prefix}.name",
-            )
+        _refuse_config_name(name, f"built-in dataset '{path}'", key_prefix)
         return _pick_split(_digits_dataset_dict(), split, path, key_prefix)
 
     local = Path(path).expanduser()
@@ -285,12 +281,7 @@ def open_split(path: str, split: str, name: str | None = None, *, key_prefix: st
 
     has_data, has_images = _scan_folder(local)
     if has_images and not has_data:
-        if name is not None:
-            raise UserError(
-                f"'{path}' is an image folder, which has no named configurations",
-                f"{key_prefix}.name",
-                f"remove {key_prefix}.name",
-            )
+        _refuse_config_name(name, f"'{path}' is an image folder, which", key_prefix)
         return _load_dataset_dict(
             "imagefolder", split, None, hub=False, key_prefix=key_prefix, display=path, data_dir=str(local)
         )
