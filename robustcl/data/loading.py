@@ -225,6 +225,20 @@ def _check_resolution(resolution: int) -> None:
         )
 
 
+def _require_rows(ds: datasets.Dataset, source: str, key_prefix: str) -> None:
+    if len(ds) == 0:
+        raise UserError(
+            f"dataset split {source} has no rows",
+            f"{key_prefix}.path / {key_prefix}.split",
+            "point it to a split that contains images",
+        )
+
+
+def _decoder_for(ds: datasets.Dataset, image: str):
+    """Image features decode through PIL; pixel-array columns are copied (and range-checked) as they are."""
+    return _decode_image_column if isinstance(ds.features[image], datasets.Image) else _decode_array_column
+
+
 def load_images(
     path: str,
     split: str,
@@ -257,12 +271,7 @@ def load_images(
             )
         if max_samples < len(ds):
             ds = ds.select(range(max_samples))
-    if len(ds) == 0:
-        raise UserError(
-            f"dataset split {source} has no rows",
-            f"{key_prefix}.path / {key_prefix}.split",
-            "point it to a split that contains images",
-        )
+    _require_rows(ds, source, key_prefix)
 
     labels = num_classes = class_names = None
     if label is not None:
@@ -277,8 +286,7 @@ def load_images(
         else None
     )
     try:
-        decode = _decode_image_column if isinstance(ds.features[image], datasets.Image) else _decode_array_column
-        decode(ds, image, resolution, out, bar, source, key_prefix)
+        _decoder_for(ds, image)(ds, image, resolution, out, bar, source, key_prefix)
     finally:
         if bar is not None:
             bar.close()
@@ -309,18 +317,10 @@ def check_dataset(
     source = _source(path, split, name)
     ds = open_split(path, split, name, key_prefix=key_prefix)
     image, label = detect_columns(ds, image_column, label_column, source, key_prefix=key_prefix)
-    if len(ds) == 0:
-        raise UserError(
-            f"dataset split {source} has no rows",
-            f"{key_prefix}.path / {key_prefix}.split",
-            "point it to a split that contains images",
-        )
+    _require_rows(ds, source, key_prefix)
     probe = np.empty((1, 8, 8, 3), dtype=np.uint8)
     first = ds.select(range(1))
-    if isinstance(ds.features[image], datasets.Image):
-        _decode_image_column(first, image, 8, probe, None, source, key_prefix)
-    else:
-        _decode_array_column(first, image, 8, probe, None, source, key_prefix)
+    _decoder_for(ds, image)(first, image, 8, probe, None, source, key_prefix)
     if label is not None:
         _read_labels(ds, label, source, key_prefix)
     return image, label
