@@ -6,6 +6,7 @@ import shutil
 from pathlib import Path
 
 from .errors import UserError
+from .methods.base import Method
 from .models import RobustCLResNetModel
 from .recipe import Recipe
 from .run_dir import RECIPE_FILE, read_run_recipe, require_checkpoint
@@ -30,7 +31,7 @@ def export_encoder(
             "export.bn_branch",
             f"choose one of {', '.join(branches)}",
         )
-    model = encoder.to_single_branch(bn_branch) if branches else encoder.to_single_branch(None)
+    model = encoder.to_single_branch(bn_branch if branches else None)
     model = model.cpu().eval()
     type(model.config).register_for_auto_class()
     type(model).register_for_auto_class("AutoModel")
@@ -44,6 +45,12 @@ def export_encoder(
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)
     return model
+
+
+def export_method(method: Method, out_dir: Path, recipe: Recipe, bn_branch: str | None = None) -> RobustCLResNetModel:
+    """Export a method's encoder with the branch asked for, else the recipe's, else the method's adversarial one."""
+    branch = bn_branch or recipe.export.bn_branch or method.export_branch
+    return export_encoder(method.encoder, branch, out_dir, recipe)
 
 
 def export_run(run_dir: Path, out_dir: Path, bn_branch: str | None = None) -> Path:
@@ -63,5 +70,5 @@ def export_run(run_dir: Path, out_dir: Path, bn_branch: str | None = None) -> Pa
     checkpoint = require_checkpoint(run_dir)
     method = build_method(recipe)
     method.load_state_dict(load_file(checkpoint / WEIGHTS_FILE), strict=True)
-    export_encoder(method.encoder, bn_branch or recipe.export.bn_branch or method.export_branch, out_dir, recipe)
+    export_method(method, out_dir, recipe, bn_branch)
     return Path(out_dir)

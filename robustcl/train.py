@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from .data.batches import EpochBatches, step_generator
 from .data.loading import load_images
 from .errors import UserError
-from .export import export_encoder
+from .export import export_method
 from .methods import build_method
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, recipe_differences
@@ -133,8 +133,8 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
         t.grad_accum_steps,
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
-    # The whole uint8 dataset goes to the accelerator when there is one: batches are then gathered there.
-    images = data.images.to(accelerator.device) if accelerator.device.type != "cpu" else data.images
+    # The whole uint8 dataset lives on the training device: batches are gathered there, no host copies per step.
+    images = data.images.to(accelerator.device)
 
     method = build_method(recipe)
     optimizer = build_optimizer(method.parameters(), recipe.optimizer)
@@ -169,8 +169,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     model.train()
     while step < total_steps:
         for micro in range(t.grad_accum_steps):
-            idx = batches.indices(step, micro).to(images.device)
-            batch = images.index_select(0, idx).to(accelerator.device, non_blocking=True)
+            batch = images.index_select(0, batches.indices(step, micro).to(images.device))
             generator = step_generator(t.seed, step, micro, accelerator.process_index, accelerator.device)
             sync = micro == t.grad_accum_steps - 1
             with nullcontext() if sync else accelerator.no_sync(model):
@@ -223,8 +222,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
         probe=None,
     )
     if accelerator.is_main_process:
-        branch = recipe.export.bn_branch or unwrapped.export_branch
-        exported = export_encoder(unwrapped.encoder, branch, summary.encoder_dir, recipe)
+        exported = export_method(unwrapped, summary.encoder_dir, recipe)
         if recipe.probe.enabled:
             from .probe import run_probe
 

@@ -39,38 +39,15 @@ def _launch(launch_args, run_dir, **env):
     return subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=900)
 
 
+# Every flag given, so accelerate uses no machine-local config file.
+FIXED = ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+
+
 @pytest.mark.parametrize(
     "launch_args, env, processes",
     [
-        (
-            [
-                "--num_processes",
-                "1",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-            ],
-            {},
-            1,
-        ),
-        (
-            [
-                "--multi_gpu",
-                "--num_processes",
-                "2",
-                "--num_machines",
-                "1",
-                "--mixed_precision",
-                "no",
-                "--dynamo_backend",
-                "no",
-            ],
-            {"ACCELERATE_USE_CPU": "true"},
-            2,
-        ),
+        (["--num_processes", "1", *FIXED], {}, 1),
+        (["--multi_gpu", "--num_processes", "2", *FIXED], {"ACCELERATE_USE_CPU": "true"}, 2),
     ],
     ids=["1-process", "2-processes-gloo"],
 )

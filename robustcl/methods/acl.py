@@ -74,10 +74,8 @@ class ACL(Method):
         views = torch.cat([self.augment(images, generator), self.augment(images, generator)])
         branch = self.adv_branch
         if self.variant == "a2s":
-            clean2 = views.chunk(2)[1]
-            adv1 = self._attack(
-                lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch), views.chunk(2)[0], generator
-            )
+            view1, clean2 = views.chunk(2)
+            adv1 = self._attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch), view1, generator)
             loss = self.pair_loss(torch.cat([adv1, clean2]), branch)
             return loss, {"loss_adv": loss.detach()}
         adv = self._attack(lambda x: self.pair_loss(x, branch), views, generator)
