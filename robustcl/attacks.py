@@ -30,16 +30,23 @@ def pgd_attack(
     steps: int,
     random_start: bool = True,
     generator: torch.Generator | None = None,
+    start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L∞ projected gradient ascent on ``loss_fn`` around ``x`` (pixels in [0, 1]).
 
     ``loss_fn(x_adv)`` returns the scalar to *maximise*; the caller decides the model's mode and BN branch inside
-    it. Gradients are taken with respect to the perturbation only (``torch.autograd.grad``), so parameter
-    ``.grad`` fields are never touched and no gradient all-reduce fires inside the attack. No host syncs.
+    it. The start is ``start`` when given (a perturbation, projected into the ball: evaluation passes per-sample
+    seeded noise so results do not depend on batching, TRADES passes its small Gaussian), else uniform noise in
+    the ε-ball drawn from ``generator`` (``random_start``), else zero.
+
+    Gradients are taken with respect to the perturbation only (``torch.autograd.grad``), so parameter ``.grad``
+    fields are never touched and no gradient all-reduce fires inside the attack. No host syncs.
     Returns the adversarial images, detached, inside the ε-ball and clamped to [0, 1].
     """
     x = x.detach()
-    if random_start:
+    if start is not None:
+        delta = start.detach().to(x).clamp(-epsilon, epsilon)
+    elif random_start:
         noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         delta = (noise * 2 - 1) * epsilon
     else:

@@ -72,13 +72,96 @@ def pretrain(
             f"(final loss {summary.final_loss:.4f})"
         )
         typer.echo(f"robustcl: encoder exported to {summary.encoder_dir}")
-        if summary.probe:
-            p = summary.probe
-            typer.echo(
-                f"robustcl: linear probe on {p['test_images']} held-out images ({p['split']} split): "
-                f"clean accuracy {100 * p['clean_accuracy']:.1f}%, "
-                f"PGD-{p['pgd_steps']} accuracy {100 * p['pgd_accuracy']:.1f}% (eps {p['epsilon']:.4f})"
-            )
+        if summary.evaluation:
+            from .evaluation import format_table
+
+            typer.echo("\n" + format_table(summary.evaluation))
+
+
+@app.command()
+def evaluate(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="A run directory (robustcl pretrain), an export directory (robustcl export / save_pretrained) "
+            "or a Hub repo id; loaded with AutoModel.from_pretrained unless it is a run directory.",
+            show_default=False,
+        ),
+    ],
+    protocol: Annotated[
+        str | None,
+        typer.Option(
+            help="slf: frozen encoder, linear head on clean data; alf: frozen encoder, head trained on PGD-10 "
+            "examples; aff: whole network, TRADES. Default: the recipe's eval.protocol (slf).",
+            show_default=False,
+        ),
+    ] = None,
+    attack: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated measurements besides clean accuracy: pgd20 (RA) and/or autoattack (AA, needs "
+            'pip install "robustcl[autoattack]"). Default: the recipe\'s eval.attacks (pgd20).',
+            show_default=False,
+        ),
+    ] = None,
+    set_: SetOpt = None,
+    recipe: Annotated[
+        Path | None,
+        typer.Option(
+            help="Recipe whose eval section to use (default: the one stored with the model, else the defaults).",
+            show_default=False,
+        ),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="eval.json to write; the robustness curve PNG goes beside it "
+            "(default: RUN_DIR/eval/PROTOCOL/eval.json, else eval/MODEL/PROTOCOL/eval.json).",
+            show_default=False,
+        ),
+    ] = None,
+    attack_subset: Annotated[
+        int | None,
+        typer.Option(
+            min=1, help="Attack only the first N test images (quick checks); SA still uses all.", show_default=False
+        ),
+    ] = None,
+    bn_branch: Annotated[
+        str | None,
+        typer.Option(
+            help="BN branch of a multi-branch run directory (default: the exported one, 'pgd').", show_default=False
+        ),
+    ] = None,
+    trust_remote_code: Annotated[
+        bool,
+        typer.Option(help="Allow a Hub model's own Python code to run (robustcl models never need it)."),
+    ] = False,
+) -> None:
+    """Finetune a classifier on the encoder with a protocol (SLF / ALF / AFF; epoch chosen on a validation split
+    carved from the training split) and measure clean (SA), PGD-20 (RA) and AutoAttack (AA) accuracy on the test
+    split. Writes eval.json and an accuracy-vs-epsilon PNG. Works under `accelerate launch` (the test set is
+    sharded over processes)."""
+    from .evaluation import evaluate as run_evaluate
+    from .evaluation import format_table
+    from .recipe import load_recipe
+
+    report = run_evaluate(
+        model,
+        protocol=protocol,
+        attacks=[a.strip() for a in attack.split(",") if a.strip()] if attack is not None else None,
+        overrides=set_,
+        recipe=load_recipe(recipe) if recipe is not None else None,
+        output=output,
+        attack_subset=attack_subset,
+        bn_branch=bn_branch,
+        trust_remote_code=trust_remote_code,
+    )
+    if _is_main_process():
+        typer.echo("\n" + format_table(report))
+        curve = f" and {report['curve_png']}" if report["curve_png"] else ""
+        typer.echo(f"robustcl: wrote {report['output']}{curve}")
 
 
 @app.command()

@@ -57,9 +57,8 @@ class DataConfig(Section):
     )
     name: str | None = Field(None, description="dataset configuration name (load_dataset's `name`)")
     split: str = Field("train", description="split used for pretraining")
-    eval_split: str = Field("test", description="held-out split for the end-of-run linear probe")
     image_column: str | None = Field(None, description="image column; auto-detected when unambiguous")
-    label_column: str | None = Field(None, description="class-label column (probe only); auto-detected")
+    label_column: str | None = Field(None, description="class-label column (evaluation only); auto-detected")
     resolution: int = Field(32, gt=0, description="images are resized to resolution×resolution")
     max_samples: int | None = Field(None, gt=0, description="use only the first N images of the split")
 
@@ -142,16 +141,84 @@ class LoggingConfig(Section):
     progress_bar: bool = Field(True, description="progress bar on the main process")
 
 
-class ProbeConfig(Section):
-    """A quick linear probe at the end of pretraining: clean and PGD accuracy on data.eval_split."""
+class EvalDataConfig(Section):
+    """The downstream dataset: any labelled image dataset, opened like data.path."""
 
-    enabled: bool = Field(False, description="run the probe after training")
-    max_train: int = Field(5000, gt=0, description="training images for the linear head")
-    max_test: int = Field(1000, gt=0, description="held-out images measured")
-    steps: int = Field(200, gt=0, description="full-batch L-BFGS iterations for the head")
-    pgd_steps: int = Field(20, ge=0, description="PGD steps of the robust-accuracy attack")
-    epsilon: PixelFloat = Field(8 / 255, ge=0, description="L∞ radius of the robust-accuracy attack")
-    step_size: PixelFloat = Field(2 / 255, ge=0, description="PGD step of the robust-accuracy attack")
+    path: str | None = Field(None, description="dataset (as data.path); default: the pretraining dataset")
+    name: str | None = Field(None, description="dataset configuration name")
+    train_split: str = Field("train", description="split the head (or network) is finetuned on")
+    test_split: str = Field("test", description="split SA / RA / AA are measured on")
+    image_column: str | None = Field(None, description="image column; auto-detected when unambiguous")
+    label_column: str | None = Field(None, description="class-label column; auto-detected when unambiguous")
+    resolution: int | None = Field(None, gt=0, description="image size (default: data.resolution)")
+    max_train: int | None = Field(None, gt=0, description="use only the first N training images")
+    max_test: int | None = Field(None, gt=0, description="use only the first N test images")
+    val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training split held out for model selection")
+
+
+class FinetuneConfig(Section):
+    """One finetuning protocol: optimiser, schedule, training attack and model selection."""
+
+    epochs: int = Field(25, gt=0, description="finetuning epochs")
+    batch_size: int = Field(512, gt=0, description="finetuning batch size")
+    lr: float = Field(0.1, gt=0, description="SGD learning rate")
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(2e-4, ge=0, description="SGD weight decay")
+    milestones: list[int] = Field([15, 20], description="epochs after which the lr is multiplied by gamma")
+    gamma: float = Field(0.1, gt=0, description="lr decay factor at each milestone")
+    train_encoder: bool = Field(False, description="train the encoder too (AFF); else it stays frozen, eval mode")
+    augment: bool = Field(False, description="random crop (pad 4) + horizontal flip of the training images")
+    train_attack: Literal["none", "pgd", "trades"] = Field(
+        "none", description="none: clean CE; pgd: CE on PGD examples; trades: CE + beta·KL on KL-PGD examples"
+    )
+    trades_beta: float = Field(6.0, ge=0, description="TRADES robustness weight")
+    attack_steps: int = Field(10, ge=0, description="steps of the training attack (and of robust selection)")
+    epsilon: PixelFloat = Field(8 / 255, ge=0, description="L∞ radius of the training attack")
+    step_size: PixelFloat = Field(2 / 255, ge=0, description="step of the training attack")
+    select_by: Literal["clean", "robust"] = Field(
+        "clean", description="validation accuracy used to pick the epoch: clean, or under the training attack"
+    )
+
+
+class EvalAttackConfig(Section):
+    """The measurement attacks on the test split (RA: PGD with CE; AA: AutoAttack)."""
+
+    epsilon: PixelFloat = Field(8 / 255, ge=0, description="L∞ radius of RA and AA")
+    step_size: PixelFloat = Field(2 / 255, ge=0, description="PGD step of RA")
+    steps: int = Field(20, ge=0, description="PGD steps of RA")
+    random_start: bool = Field(True, description="uniform random start inside the ε-ball")
+    curve_epsilons: list[PixelFloat] = Field(
+        [0, 2 / 255, 4 / 255, 8 / 255, 16 / 255],
+        description="radii of the accuracy-vs-ε curve (PGD, step scaled with ε); [] skips the curve",
+    )
+    autoattack_version: Literal["standard", "plus", "rand"] = Field("standard", description="AutoAttack version")
+    batch_size: int = Field(256, gt=0, description="test images attacked per batch (per process)")
+
+
+class EvalConfig(Section):
+    """Downstream evaluation (robustcl evaluate): finetuning protocol, then SA / RA / AA on the test split."""
+
+    data: EvalDataConfig = Field(default_factory=EvalDataConfig)
+    protocol: Literal["slf", "alf", "aff"] = Field("slf", description="slf | alf | aff (--protocol overrides)")
+    slf: FinetuneConfig = Field(
+        default_factory=FinetuneConfig,
+        description="standard linear finetuning: frozen encoder, linear head on clean features",
+    )
+    alf: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(augment=True, train_attack="pgd", select_by="robust"),
+        description="adversarial linear finetuning: frozen encoder, head trained on PGD-10 examples",
+    )
+    aff: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(
+            batch_size=128, train_encoder=True, augment=True, train_attack="trades", select_by="robust"
+        ),
+        description="adversarial full finetuning: whole network, TRADES beta 6 with a 10-step KL attack",
+    )
+    attack: EvalAttackConfig = Field(default_factory=EvalAttackConfig)
+    attacks: list[Literal["pgd20", "autoattack"]] = Field(["pgd20"], description="measurements besides SA")
+    attack_subset: int | None = Field(None, gt=0, description="attack only the first N test images")
+    after_pretrain: bool = Field(False, description="run this evaluation at the end of robustcl pretrain")
+    seed: int = Field(0, description="seed of the validation split, head initialisation, shuffling, attacks")
 
 
 class ExportConfig(Section):
@@ -168,7 +235,7 @@ class Recipe(Section):
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    probe: ProbeConfig = Field(default_factory=ProbeConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
     def to_dict(self) -> dict[str, Any]:
@@ -190,8 +257,10 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 _RecipeDumper.add_representer(list, _represent_list)
 
 
-# Keys that may change between a run and its resumption: only the training length.
+# Keys that may change between a run and its resumption: the training length, and the evaluation settings
+# (they do not touch the weights).
 RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps")}
+RESUMABLE_SECTIONS = {"eval"}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -267,7 +336,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         raise UserError("recipe is not valid YAML", line, "check indentation and quoting") from None
     if not isinstance(tree, dict):
         raise UserError("recipe must be a mapping of sections", str(path), "start with e.g. 'data:' / 'training:'")
-    source = str(path)
+    return _with_overrides(tree, overrides, str(path))
+
+
+def override_recipe(recipe: Recipe, overrides: list[str] | None, source: str) -> Recipe:
+    """``recipe`` with ``--set`` overrides applied and validated again."""
+    return _with_overrides(recipe.to_dict(), overrides, source)
+
+
+def _with_overrides(tree: dict[str, Any], overrides: list[str] | None, source: str) -> Recipe:
     if overrides:
         for text in overrides:
             keys, value = parse_override(text)
@@ -284,7 +361,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
 
 
 def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
-    """Key paths whose values differ between two recipes, except the training length."""
+    """Key paths whose values differ between two recipes, except the training length and evaluation settings."""
 
     def flatten(tree: Any, prefix: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]:
         if isinstance(tree, dict):
@@ -295,7 +372,11 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
         return {prefix: tree}
 
     a, b = flatten(old.to_dict()), flatten(new.to_dict())
-    return [".".join(k) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES]
+    return [
+        ".".join(k)
+        for k in sorted(set(a) | set(b))
+        if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES and k[0] not in RESUMABLE_SECTIONS
+    ]
 
 
 def describe_keys() -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from tqdm.auto import tqdm
 
 from .data.batches import EpochBatches, step_generator
 from .data.loading import load_images
+from .distributed import check_world_size
 from .errors import UserError
 from .export import export_method
 from .methods import build_method
@@ -38,7 +38,7 @@ class RunSummary:
     images_seen: int
     wall_time_s: float
     final_loss: float
-    probe: dict[str, Any] | None
+    evaluation: dict[str, Any] | None  # the eval.json report when eval.after_pretrain
 
 
 def _mixed_precision(precision: str, on_cpu: bool) -> str:
@@ -63,15 +63,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
     )
-    expected = int(os.environ.get("WORLD_SIZE", "1"))
-    if accelerator.num_processes != expected:
-        # `accelerate launch --cpu --num_processes 2` silently starts one process; `--multi_gpu` without a GPU
-        # starts independent processes. Both would train something other than what was asked.
-        raise UserError(
-            f"got {accelerator.num_processes} training process(es) but WORLD_SIZE={expected}",
-            "launcher",
-            "on CPU launch with ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes N",
-        )
+    check_world_size(accelerator)
     return accelerator
 
 
@@ -103,7 +95,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
 
 
 def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
-    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export and probe."""
+    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export, and evaluate when
+    ``eval.after_pretrain``."""
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, recipe, resume)
     accelerator = make_accelerator(recipe, run_dir)
@@ -219,14 +212,23 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
         images_seen=(step - start_step) * t.batch_size,
         wall_time_s=wall,
         final_loss=last_loss,
-        probe=None,
+        evaluation=None,
     )
     if accelerator.is_main_process:
-        exported = export_method(unwrapped, summary.encoder_dir, recipe)
-        if recipe.probe.enabled:
-            from .probe import run_probe
+        export_method(unwrapped, summary.encoder_dir, recipe)
+    accelerator.wait_for_everyone()
+    if recipe.eval.after_pretrain:
+        from .evaluation import evaluate, run_dir_output
 
-            summary.probe = run_probe(exported, recipe, accelerator.device)
+        # The exported folder is what users get, so that is what gets measured (every process takes a shard).
+        summary.evaluation = evaluate(
+            summary.encoder_dir,
+            recipe=recipe,
+            output=run_dir_output(run_dir, recipe.eval.protocol),
+            accelerator=accelerator,
+            progress=recipe.logging.progress_bar,
+        )
+    if accelerator.is_main_process:
         record = {**summary.__dict__, "run_dir": str(run_dir), "encoder_dir": str(summary.encoder_dir)}
         (run_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2))
     accelerator.wait_for_everyone()

@@ -19,10 +19,11 @@ TINY = [
     "training.batch_size=32",
     "attack.steps=2",
     "logging.every_steps=1",
-    "probe.max_train=300",
-    "probe.max_test=100",
-    "probe.steps=30",
-    "probe.pgd_steps=5",
+    "eval.data.max_train=300",
+    "eval.data.max_test=100",
+    "eval.slf.epochs=5",
+    "eval.attack.steps=5",
+    "eval.attack.curve_epsilons=[0,8/255]",
 ]
 
 

@@ -35,9 +35,12 @@ def test_quickstart_trains_reports_accuracy_and_exports_a_loadable_encoder(tmp_p
     res = robustcl("pretrain", QUICK, "-o", str(run), *with_sets(*TINY, "training.max_steps=6"))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "encoder exported to" in res.stdout
-    assert "clean accuracy" in res.stdout and "PGD-5 accuracy" in res.stdout
+    assert "SLF evaluation of" in res.stdout and "PGD-5 CE, eps 8/255" in res.stdout
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["steps"] == 6 and 0 <= summary["probe"]["pgd_accuracy"] <= summary["probe"]["clean_accuracy"]
+    report = json.loads((run / "eval" / "slf" / "eval.json").read_text())
+    assert summary["steps"] == 6 and summary["evaluation"] == report
+    assert report["split_sizes"] == {"train": 270, "val": 30, "test": 100, "attacked": 100}
+    assert 0 <= report["RA"] <= report["SA"] <= 1 and (run / "eval" / "slf" / "robustness_curve.png").is_file()
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 7))
     assert all(set(r) >= {"loss", "loss_clean", "loss_adv", "lr", "images_per_s"} for r in records)
@@ -92,7 +95,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
         "training.max_steps=8",
         "training.checkpoint_every=2",
         "training.keep_checkpoints=8",
-        "probe.enabled=false",
+        "eval.after_pretrain=false",
     )
     straight = tmp_path / "straight"
     res = robustcl("pretrain", QUICK, "-o", str(straight), *sets)
@@ -129,7 +132,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
 
 def test_run_dir_refuses_a_different_recipe_and_no_resume(tmp_path):
     run = tmp_path / "run"
-    sets = [*TINY, "training.max_steps=2", "probe.enabled=false"]
+    sets = [*TINY, "training.max_steps=2", "eval.after_pretrain=false"]
     assert robustcl("pretrain", QUICK, "-o", str(run), *with_sets(*sets)).returncode == 0
     res = robustcl("pretrain", QUICK, "-o", str(run), *with_sets(*sets, "optimizer.lr=0.1"))
     assert res.returncode == 2 and "differs in: optimizer.lr" in res.stderr and "Traceback" not in res.stderr
@@ -141,7 +144,7 @@ def test_run_dir_refuses_a_different_recipe_and_no_resume(tmp_path):
         QUICK,
         "-o",
         str(run),
-        *with_sets(*sets[:-2], "training.max_steps=3", "probe.enabled=false"),
+        *with_sets(*sets[:-2], "training.max_steps=3", "eval.after_pretrain=false"),
     )
     assert res.returncode == 0 and "resumed from" in res.stdout + res.stderr
     assert (run / "checkpoints" / "step-00000003" / "COMPLETE").exists()
@@ -196,7 +199,7 @@ def test_help_is_fast_and_documents_every_command():
 
 def test_gradient_accumulation_splits_the_global_batch(tmp_path):
     run = tmp_path / "run"
-    sets = [*TINY, "training.max_steps=2", "training.grad_accum_steps=2", "probe.enabled=false"]
+    sets = [*TINY, "training.max_steps=2", "training.grad_accum_steps=2", "eval.after_pretrain=false"]
     res = robustcl("pretrain", QUICK, "-o", str(run), *with_sets(*sets))
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -1,0 +1,5 @@
+"""Downstream evaluation: SLF / ALF / AFF finetuning, then SA, RA (PGD-20) and AA (AutoAttack) on the test split."""
+
+from .run import ATTACKS, PROTOCOLS, evaluate, format_table, load_eval_data, run_dir_output
+
+__all__ = ["ATTACKS", "PROTOCOLS", "evaluate", "format_table", "load_eval_data", "run_dir_output"]

@@ -1,0 +1,152 @@
+"""What `robustcl evaluate` evaluates: a run directory, an export directory or a Hub repo id, as one module that maps
+pixels in [0, 1] to pooled features.
+
+Export directories and Hub ids load through ``AutoModel.from_pretrained`` only (no training code is imported), so
+any exported robustcl encoder and any transformers vision backbone that returns pooled (or poolable) features can
+be evaluated. Remote code is not executed unless asked for: robustcl's own model class is registered locally.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import UserError
+from ..recipe import Recipe, load_recipe
+
+RECIPE_FILE = "recipe.yaml"  # the same name run_dir.py writes; not imported from there to keep training code out
+
+
+class FeatureEncoder(nn.Module):
+    """A transformers backbone as ``pixels in [0, 1] → features [N, D]``.
+
+    ``mean``/``std`` normalise the pixels first, for backbones that expect normalised inputs (robustcl encoders
+    normalise inside the model and get none). Features are ``pooler_output`` flattened, or the spatial/token mean of
+    ``last_hidden_state`` when the model has no pooler.
+    """
+
+    def __init__(self, backbone: nn.Module, mean: list[float] | None = None, std: list[float] | None = None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.normalise = mean is not None and std is not None
+        if self.normalise:
+            self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.normalise:
+            pixels = (pixels - self.mean) / self.std
+        out = self.backbone(pixel_values=pixels)
+        pooled = getattr(out, "pooler_output", None)
+        if pooled is None:
+            hidden = out.last_hidden_state
+            pooled = hidden.mean(dim=(2, 3)) if hidden.dim() == 4 else hidden.mean(dim=1)
+        return pooled.flatten(1)
+
+
+@dataclass
+class LoadedModel:
+    encoder: FeatureEncoder
+    kind: str  # "run_dir" | "export_dir" | "hub"
+    reference: str
+    recipe: Recipe | None  # the recipe stored with the model, when there is one
+    bn_branch: str | None  # the BN branch a multi-branch run was evaluated with
+
+
+def _read_json(path: Path | str | None) -> dict:
+    if path is None:
+        return {}
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _normalisation(reference: str, model_type: str, **hub_kwargs) -> tuple[list[float] | None, list[float] | None]:
+    """Mean/std the backbone expects, from its preprocessor config (robustcl encoders normalise internally)."""
+    if model_type == "robustcl-resnet":
+        return None, None
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        reference,
+        "preprocessor_config.json",
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    config = _read_json(path)
+    if config.get("do_normalize", False) and "image_mean" in config and "image_std" in config:
+        return list(config["image_mean"]), list(config["image_std"])
+    return None, None
+
+
+def _stored_recipe(reference: str, **hub_kwargs) -> Recipe | None:
+    from transformers.utils import cached_file
+
+    path = cached_file(
+        reference,
+        RECIPE_FILE,
+        _raise_exceptions_for_missing_entries=False,
+        _raise_exceptions_for_connection_errors=False,
+        **hub_kwargs,
+    )
+    return load_recipe(path) if path else None
+
+
+def _is_run_dir(path: Path) -> bool:
+    return (path / RECIPE_FILE).is_file() and (path / "checkpoints").is_dir()
+
+
+def load_model(
+    reference: str | Path,
+    *,
+    bn_branch: str | None = None,
+    trust_remote_code: bool = False,
+    revision: str | None = None,
+) -> LoadedModel:
+    """Load ``reference`` (run directory, export directory or Hub repo id) for evaluation, in eval mode."""
+    import robustcl.models  # noqa: F401  (registers the robustcl-resnet model type with AutoModel)
+
+    path = Path(reference)
+    if path.is_dir() and _is_run_dir(path):
+        from ..export import load_run_encoder  # run directories need the method to read their checkpoint
+
+        encoder, recipe, branch = load_run_encoder(path, bn_branch)
+        return LoadedModel(FeatureEncoder(encoder).eval(), "run_dir", str(path), recipe, branch)
+
+    if bn_branch is not None:
+        raise UserError(
+            "--bn-branch only applies to run directories",
+            str(reference),
+            "an export holds one BN branch already; choose it at export time (robustcl export --bn-branch)",
+        )
+    if path.exists() and not (path / "config.json").is_file():
+        raise UserError(
+            "not a run directory or a model export (no config.json)",
+            str(path),
+            "give a robustcl run directory, a folder written by robustcl export / save_pretrained, or a Hub id",
+        )
+    from transformers import AutoConfig, AutoModel
+
+    kind = "export_dir" if path.exists() else "hub"
+    hub_kwargs = {"revision": revision} if revision else {}
+    try:
+        config = AutoConfig.from_pretrained(str(reference), trust_remote_code=trust_remote_code, **hub_kwargs)
+        backbone = AutoModel.from_pretrained(
+            str(reference), config=config, trust_remote_code=trust_remote_code, **hub_kwargs
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserError(
+            f"cannot load the model: {first_line}",
+            str(reference),
+            "check the path / repo id (and HF_TOKEN for private repos); custom architectures need --trust-remote-code",
+        ) from None
+    mean, std = _normalisation(str(reference), config.model_type, **hub_kwargs)
+    encoder = FeatureEncoder(backbone, mean, std).eval()
+    return LoadedModel(encoder, kind, str(reference), _stored_recipe(str(reference), **hub_kwargs), None)

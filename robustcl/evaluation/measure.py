@@ -1,0 +1,164 @@
+"""SA / RA / AA on the test split, sharded over processes.
+
+Each test image is judged on its own: the PGD loss is summed (not averaged) over the batch and its random start
+comes from a generator seeded by (seed, image index), so an image's result does not depend on which batch or
+process it landed in. Per-image results are gathered with ``gather_for_metrics``, which drops the padding the
+sharded loader adds, so 1 and N processes give the same figures.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from tqdm.auto import tqdm
+
+from ..attacks import module_mode, pgd_attack
+from ..errors import UserError
+from ..recipe import EvalAttackConfig
+
+NOT_ATTACKED = -1  # flag value of images outside --attack-subset
+AUTOATTACK_INSTALL = 'pip install "robustcl[autoattack]"  (or: pip install pyautoattack)'
+
+
+@dataclass
+class Measurement:
+    """Per-test-image results in test-set order: 1 correct, 0 wrong, NOT_ATTACKED outside the attacked subset."""
+
+    clean: torch.Tensor
+    pgd: torch.Tensor | None
+    autoattack: torch.Tensor | None
+    curve: dict[float, torch.Tensor]
+    attacked: int
+
+    @staticmethod
+    def accuracy(flags: torch.Tensor) -> float:
+        measured = flags[flags != NOT_ATTACKED]
+        return measured.float().mean().item() if len(measured) else float("nan")
+
+
+def unit_starts(indices: torch.Tensor, shape: torch.Size, seed: int) -> torch.Tensor:
+    """Uniform noise in [-1, 1] for each test image, from a generator seeded by (seed, image index)."""
+    out = torch.empty((len(indices), *shape))
+    for row, index in enumerate(indices.tolist()):
+        out[row].uniform_(-1, 1, generator=torch.Generator().manual_seed(seed * 1_000_003 + index))
+    return out
+
+
+def _load_autoattack():
+    try:
+        from pyautoattack import AutoAttack
+    except ImportError:
+        raise UserError(
+            "AutoAttack needs the optional package pyautoattack",
+            "--attack autoattack",
+            f"install it with: {AUTOATTACK_INSTALL}",
+        ) from None
+    return AutoAttack
+
+
+def _autoattack(model: nn.Module, cfg: EvalAttackConfig, num_classes: int, device: torch.device, seed: int):
+    if num_classes < 4:
+        raise UserError(
+            f"AutoAttack's targeted attacks need at least 4 classes (the dataset has {num_classes})",
+            "--attack autoattack",
+            "measure RA with --attack pgd20 only",
+        )
+    attack = _load_autoattack()(
+        model, norm="Linf", eps=cfg.epsilon, version=cfg.autoattack_version, device=device, seed=seed
+    )
+    # Standard AA targets the 9 most likely wrong classes; with fewer classes, all of them.
+    targets = min(9, num_classes - 1)
+    attack.apgd_targeted.n_target_classes = targets
+    attack.fab.n_target_classes = targets
+    return attack
+
+
+def pgd_curve_step(cfg: EvalAttackConfig, epsilon: float) -> float:
+    """PGD step at another radius: the RA step scaled with ε (2/255 at 8/255 becomes 4/255 at 16/255)."""
+    return cfg.step_size * epsilon / cfg.epsilon if cfg.epsilon > 0 else cfg.step_size
+
+
+def measure(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    cfg: EvalAttackConfig,
+    attacks: list[str],
+    accelerator: Accelerator,
+    *,
+    num_classes: int,
+    seed: int,
+    attack_subset: int | None = None,
+    progress: bool = True,
+) -> Measurement:
+    """Clean accuracy on every test image; PGD (RA), AutoAttack (AA) and the ε-curve on the first
+    ``attack_subset`` images (all when None). ``model`` maps pixels in [0, 1] to logits."""
+    device = accelerator.device
+    model = model.to(device)
+    n = len(images)
+    attacked = n if attack_subset is None else min(attack_subset, n)
+    curve_eps = sorted(set(cfg.curve_epsilons))
+    pgd_eps = sorted({e for e in curve_eps if e > 0} | ({cfg.epsilon} if "pgd20" in attacks else set()))
+    autoattack = _autoattack(model, cfg, num_classes, device, seed) if "autoattack" in attacks else None
+
+    loader = accelerator.prepare_data_loader(
+        DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=False)
+    )
+    gathered: dict[str, list[torch.Tensor]] = {}
+    bar = tqdm(loader, desc="attack", unit="batch", dynamic_ncols=True, disable=not progress)
+    with module_mode(model, False):
+        for (index,) in bar:
+            cpu_index = index.cpu()
+            x, y = images[cpu_index].to(device).float() / 255, labels[cpu_index].to(device)
+            results = {"index": index}
+            with torch.no_grad():
+                results["clean"] = (model(x).argmax(1) == y).long()
+            chosen = cpu_index < attacked
+            xa, ya = x[chosen.to(device)], y[chosen.to(device)]
+            starts = unit_starts(cpu_index[chosen], x.shape[1:], seed).to(device)
+            for eps in pgd_eps:
+                flags = torch.full_like(y, NOT_ATTACKED)
+                if len(xa):
+                    x_adv = pgd_attack(
+                        lambda z, ya=ya: F.cross_entropy(model(z), ya, reduction="sum"),
+                        xa,
+                        epsilon=eps,
+                        step_size=pgd_curve_step(cfg, eps),
+                        steps=cfg.steps,
+                        random_start=False,
+                        start=starts * eps if cfg.random_start else None,
+                    )
+                    with torch.no_grad():
+                        flags[chosen.to(device)] = (model(x_adv).argmax(1) == ya).long()
+                results[f"pgd@{eps!r}"] = flags
+            if autoattack is not None:
+                flags = torch.full_like(y, NOT_ATTACKED)
+                if len(xa):
+                    x_adv, _ = autoattack.run_standard_evaluation(xa, ya, batch_size=len(xa))
+                    with torch.no_grad():
+                        flags[chosen.to(device)] = (model(x_adv.to(device)).argmax(1) == ya).long()
+                results["autoattack"] = flags
+            for key, value in accelerator.gather_for_metrics(results).items():
+                gathered.setdefault(key, []).append(value.cpu())
+    bar.close()
+
+    columns = {key: torch.cat(values) for key, values in gathered.items()}
+    order = columns["index"].argsort()
+    if not torch.equal(columns["index"][order], torch.arange(n)):
+        raise RuntimeError("sharded evaluation lost or duplicated test images")
+    columns = {key: value[order] for key, value in columns.items()}
+    clean = columns["clean"]
+    subset_clean = torch.where(torch.arange(n) < attacked, clean, torch.full_like(clean, NOT_ATTACKED))
+    curve = {eps: subset_clean if eps == 0 else columns[f"pgd@{eps!r}"] for eps in curve_eps}
+    return Measurement(
+        clean=clean,
+        pgd=columns.get(f"pgd@{cfg.epsilon!r}") if "pgd20" in attacks else None,
+        autoattack=columns.get("autoattack"),
+        curve=curve,
+        attacked=attacked,
+    )

@@ -1,0 +1,105 @@
+"""What an evaluation leaves behind: ``eval.json``, a printed table and the accuracy-vs-ε curve as a PNG."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Any
+
+_PACKAGES = ("robustcl", "torch", "transformers", "accelerate", "datasets", "pyautoattack")
+
+
+def software_versions() -> dict[str, str]:
+    versions = {"python": platform.python_version()}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    tmp.replace(path)
+
+
+def write_json(report: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, (json.dumps(report, indent=2) + "\n").encode())
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f}%"
+
+
+def _eps(value: float) -> str:
+    return f"{value * 255:g}/255"
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The figures people read first, as aligned text."""
+    sizes, pgd, ft = report["split_sizes"], report["attack"]["pgd"], report["finetune"]
+    rows = [("SA", report["SA"], sizes["test"], "clean")]
+    if report["RA"] is not None:
+        rows.append(
+            (
+                "RA",
+                report["RA"],
+                sizes["attacked"],
+                f"PGD-{pgd['steps']} CE, eps {_eps(pgd['epsilon'])}, step {_eps(pgd['step_size'])}",
+            )
+        )
+    if report["AA"] is not None:
+        aa = report["attack"]["autoattack"]
+        rows.append(("AA", report["AA"], sizes["attacked"], f"AutoAttack {aa['version']}, eps {_eps(aa['epsilon'])}"))
+    lines = [
+        f"{report['protocol'].upper()} evaluation of {report['model']} on {report['dataset']['source']}",
+        f"  train {sizes['train']} / val {sizes['val']} / test {sizes['test']} images; "
+        f"selected epoch {ft['selected_epoch']} of {ft['epochs']} "
+        f"(validation {ft['select_by']} accuracy {_pct(ft['val_accuracy'])})",
+        f"  {'metric':<6} {'accuracy':>9} {'images':>7}  attack",
+    ]
+    lines += [f"  {name:<6} {_pct(value):>9} {count:>7}  {what}" for name, value, count, what in rows]
+    return "\n".join(lines)
+
+
+def plot_curve(report: dict[str, Any], path: Path) -> None:
+    """Accuracy vs ε under PGD, one line, written as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    points = report["curve"]
+    eps = [p["epsilon"] * 255 for p in points]
+    acc = [100 * p["accuracy"] for p in points]
+    fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
+    ax.plot(eps, acc, marker="o")
+    for x, y in zip(eps, acc):
+        ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
+    pgd = report["attack"]["pgd"]
+    ax.set_xlabel("L∞ radius ε (×1/255)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 108)  # headroom for the labels of points near 100%
+    ax.set_yticks(range(0, 101, 20))
+    ax.set_xticks(eps)
+    ax.grid(alpha=0.3)
+    ax.set_title(
+        f"{report['protocol'].upper()}, PGD-{pgd['steps']}, {report['split_sizes']['attacked']} test images",
+        fontsize=9,
+    )
+    fig.suptitle(Path(report["model"]).name or report["model"], fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, format="png")
+    plt.close(fig)
+    tmp.replace(path)
