@@ -244,7 +244,7 @@ try:
 except SystemExit as exit:
     assert not exit.code, exit.code
 loaded = sorted(m for m in sys.modules if m.startswith(("robustcl.train", "robustcl.methods", "robustcl.optim",
-                                                          "robustcl.export", "robustcl.run_dir")))
+                                                          "robustcl.export", "robustcl.losses")))
 assert not loaded, loaded
 """
     res = subprocess.run(

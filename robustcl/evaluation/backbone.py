@@ -17,8 +17,7 @@ from torch import nn
 
 from ..errors import UserError
 from ..recipe import Recipe, load_recipe
-
-RECIPE_FILE = "recipe.yaml"  # the same name run_dir.py writes; not imported from there to keep training code out
+from ..run_dir import CHECKPOINTS, RECIPE_FILE
 
 
 class FeatureEncoder(nn.Module):
@@ -99,7 +98,7 @@ def _stored_recipe(reference: str, **hub_kwargs) -> Recipe | None:
 
 
 def _is_run_dir(path: Path) -> bool:
-    return (path / RECIPE_FILE).is_file() and (path / "checkpoints").is_dir()
+    return (path / RECIPE_FILE).is_file() and (path / CHECKPOINTS).is_dir()
 
 
 def load_model(
