@@ -10,7 +10,7 @@ accuracy (eps 8/255, step 2/255, random start) on the first N of them.
 
 Usage:  python benchmarks/cifar10_small_slf.py [--data ../shared/datasets/cifar10] [--runs runs/cifar10_small]
         [--attack-subset 1000] [--out benchmarks/results/cifar10_small_slf.json]
-Run directories that already hold a finished run are reused (pretraining resumes to its end and re-exports).
+A run directory that already holds a summary and an SLF eval.json is reported as it is (nothing is re-run).
 """
 
 from __future__ import annotations
@@ -38,21 +38,24 @@ def _run(cmd: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(REPO.parent / "shared/datasets/cifar10"))
-    parser.add_argument("--runs", type=Path, default=REPO / "runs/cifar10_small")
+    # Relative paths are relative to the repository root (the commands run there).
+    parser.add_argument("--data", default="../shared/datasets/cifar10")
+    parser.add_argument("--runs", type=Path, default=Path("runs/cifar10_small"))
     parser.add_argument("--attack-subset", type=int, default=1000)
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cifar10_small_slf.json")
     args = parser.parse_args()
     results = {}
     for name, extra in VARIANTS.items():
         run_dir = args.runs / name
+        files = REPO / run_dir
         pretrain = ["robustcl", "pretrain", "recipes/cifar10_small.yaml", "--set", f"data.path={args.data}", *extra]
-        _run([*pretrain, "--output-dir", str(run_dir)])
         evaluate = ["robustcl", "evaluate", str(run_dir), "--protocol", "slf", "--attack-subset",
                     str(args.attack_subset)]  # fmt: skip
-        _run(evaluate)
-        summary = json.loads((run_dir / "summary.json").read_text())
-        report = json.loads((run_dir / "eval" / "slf" / "eval.json").read_text())
+        if not ((files / "summary.json").is_file() and (files / "eval" / "slf" / "eval.json").is_file()):
+            _run([*pretrain, "--output-dir", str(run_dir)])
+            _run(evaluate)
+        summary = json.loads((files / "summary.json").read_text())
+        report = json.loads((files / "eval" / "slf" / "eval.json").read_text())
         results[name] = {
             "pretrain_command": " ".join(pretrain),
             "evaluate_command": " ".join(evaluate),
@@ -64,6 +67,7 @@ def main() -> None:
             "curve": {f"{p['epsilon'] * 255:g}/255": p["accuracy"] for p in report["curve"]},
             "split_sizes": report["split_sizes"],
             "selected_epoch": report["finetune"]["selected_epoch"],
+            "pretrain_wall_time_s": round(summary["wall_time_s"], 1),
             "eval_wall_time_s": round(report["wall_time_s"], 1),
         }
     out = {

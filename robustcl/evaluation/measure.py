@@ -49,7 +49,8 @@ def unit_starts(indices: torch.Tensor, shape: torch.Size, seed: int) -> torch.Te
     return out
 
 
-def _load_autoattack():
+def require_autoattack() -> type:
+    """The AutoAttack class of ``pyautoattack``, or a one-line error that says how to install it."""
     try:
         from pyautoattack import AutoAttack
     except ImportError:
@@ -68,7 +69,7 @@ def _autoattack(model: nn.Module, cfg: EvalAttackConfig, num_classes: int, devic
             "--attack autoattack",
             "measure RA with --attack pgd20 only",
         )
-    attack = _load_autoattack()(
+    attack = require_autoattack()(
         model, norm="Linf", eps=cfg.epsilon, version=cfg.autoattack_version, device=device, seed=seed
     )
     # Standard AA targets the 9 most likely wrong classes; with fewer classes, all of them.

@@ -18,7 +18,7 @@ from ..errors import UserError
 from ..recipe import Recipe, override_recipe
 from .backbone import LoadedModel, load_model
 from .finetune import LabelledImages, finetune, split_validation
-from .measure import AUTOATTACK_INSTALL, Measurement, measure, pgd_curve_step
+from .measure import Measurement, measure, pgd_curve_step, require_autoattack
 from .report import format_table, plot_curve, software_versions, write_json
 
 PROTOCOLS = ("slf", "alf", "aff")
@@ -153,14 +153,7 @@ def evaluate(
     attack_subset = attack_subset or ev.attack_subset
     _check_choices(protocol, attacks)
     if "autoattack" in attacks:
-        try:
-            import pyautoattack  # noqa: F401  (fail before minutes of finetuning, not after)
-        except ImportError:
-            raise UserError(
-                "AutoAttack needs the optional package pyautoattack",
-                "--attack autoattack",
-                f"install it with: {AUTOATTACK_INSTALL}",
-            ) from None
+        require_autoattack()  # fail before minutes of finetuning, not after
     output = Path(output) if output is not None else default_output(loaded, protocol)
 
     data = load_eval_data(recipe, progress=progress and accelerator.is_local_main_process)
