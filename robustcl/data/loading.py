@@ -103,13 +103,16 @@ def detect_columns(
     present = ", ".join(f"'{k}' ({_describe(v)})" for k, v in features.items()) or "none"
     names = ", ".join(features) or "(none)"
 
-    if image_column is not None:
-        if image_column not in features:
+    def require_present(kind: str, column: str) -> None:
+        if column not in features:
             raise UserError(
-                f"image column '{image_column}' not found in {where}; columns present: {present}",
-                f"{key_prefix}.image_column",
-                f"set {key_prefix}.image_column to one of: {names}",
+                f"{kind} column '{column}' not found in {where}; columns present: {present}",
+                f"{key_prefix}.{kind}_column",
+                f"set {key_prefix}.{kind}_column to one of: {names}",
             )
+
+    if image_column is not None:
+        require_present("image", image_column)
         if not _is_image_feature(features[image_column]):
             raise UserError(
                 f"column '{image_column}' in {where} holds {_describe(features[image_column])}, not images",
@@ -135,12 +138,7 @@ def detect_columns(
         image = candidates[0]
 
     if label_column is not None:
-        if label_column not in features:
-            raise UserError(
-                f"label column '{label_column}' not found in {where}; columns present: {present}",
-                f"{key_prefix}.label_column",
-                f"set {key_prefix}.label_column to one of: {names}",
-            )
+        require_present("label", label_column)
         if label_column == image:
             raise UserError(
                 f"column '{label_column}' in {where} is the image column, it cannot also be the labels",

@@ -65,35 +65,31 @@ def _read_json(path: Path | str | None) -> dict:
         return {}
 
 
-def _normalisation(reference: str, model_type: str, **hub_kwargs) -> tuple[list[float] | None, list[float] | None]:
-    """Mean/std the backbone expects, from its preprocessor config (robustcl encoders normalise internally)."""
-    if model_type == "robustcl-resnet":
-        return None, None
+def _optional_file(reference: str, filename: str, **hub_kwargs) -> str | None:
+    """Local path of ``filename`` in a model folder or Hub repo, or None when the model has no such file."""
     from transformers.utils import cached_file
 
-    path = cached_file(
+    return cached_file(
         reference,
-        "preprocessor_config.json",
+        filename,
         _raise_exceptions_for_missing_entries=False,
         _raise_exceptions_for_connection_errors=False,
         **hub_kwargs,
     )
-    config = _read_json(path)
+
+
+def _normalisation(reference: str, model_type: str, **hub_kwargs) -> tuple[list[float] | None, list[float] | None]:
+    """Mean/std the backbone expects, from its preprocessor config (robustcl encoders normalise internally)."""
+    if model_type == "robustcl-resnet":
+        return None, None
+    config = _read_json(_optional_file(reference, "preprocessor_config.json", **hub_kwargs))
     if config.get("do_normalize", False) and "image_mean" in config and "image_std" in config:
         return list(config["image_mean"]), list(config["image_std"])
     return None, None
 
 
 def _stored_recipe(reference: str, **hub_kwargs) -> Recipe | None:
-    from transformers.utils import cached_file
-
-    path = cached_file(
-        reference,
-        RECIPE_FILE,
-        _raise_exceptions_for_missing_entries=False,
-        _raise_exceptions_for_connection_errors=False,
-        **hub_kwargs,
-    )
+    path = _optional_file(reference, RECIPE_FILE, **hub_kwargs)
     return load_recipe(path) if path else None
 
 

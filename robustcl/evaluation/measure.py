@@ -84,6 +84,17 @@ def pgd_curve_step(cfg: EvalAttackConfig, epsilon: float) -> float:
     return cfg.step_size * epsilon / cfg.epsilon if cfg.epsilon > 0 else cfg.step_size
 
 
+def _flags(
+    model: nn.Module, x_adv: torch.Tensor | None, labels: torch.Tensor, chosen: torch.Tensor, batch: int
+) -> torch.Tensor:
+    """Per-image flags of a batch: 1/0 for the attacked images (``chosen``), NOT_ATTACKED for the rest."""
+    flags = torch.full((batch,), NOT_ATTACKED, dtype=torch.long, device=chosen.device)
+    if x_adv is not None:
+        with torch.no_grad():
+            flags[chosen] = (model(x_adv.to(chosen.device)).argmax(1) == labels).long()
+    return flags
+
+
 def measure(
     model: nn.Module,
     images: torch.Tensor,
@@ -119,11 +130,11 @@ def measure(
             results = {"index": index}
             with torch.no_grad():
                 results["clean"] = (model(x).argmax(1) == y).long()
-            chosen = cpu_index < attacked
-            xa, ya = x[chosen.to(device)], y[chosen.to(device)]
-            starts = unit_starts(cpu_index[chosen], x.shape[1:], seed).to(device)
+            chosen = (cpu_index < attacked).to(device)
+            xa, ya = x[chosen], y[chosen]
+            starts = unit_starts(cpu_index[chosen.cpu()], x.shape[1:], seed).to(device) if pgd_eps else None
             for eps in pgd_eps:
-                flags = torch.full_like(y, NOT_ATTACKED)
+                x_adv = None
                 if len(xa):
                     x_adv = pgd_attack(
                         lambda z, ya=ya: F.cross_entropy(model(z), ya, reduction="sum"),
@@ -134,16 +145,10 @@ def measure(
                         random_start=False,
                         start=starts * eps if cfg.random_start else None,
                     )
-                    with torch.no_grad():
-                        flags[chosen.to(device)] = (model(x_adv).argmax(1) == ya).long()
-                results[f"pgd@{eps!r}"] = flags
+                results[f"pgd@{eps!r}"] = _flags(model, x_adv, ya, chosen, len(y))
             if autoattack is not None:
-                flags = torch.full_like(y, NOT_ATTACKED)
-                if len(xa):
-                    x_adv, _ = autoattack.run_standard_evaluation(xa, ya, batch_size=len(xa))
-                    with torch.no_grad():
-                        flags[chosen.to(device)] = (model(x_adv.to(device)).argmax(1) == ya).long()
-                results["autoattack"] = flags
+                x_adv = autoattack.run_standard_evaluation(xa, ya, batch_size=len(xa))[0] if len(xa) else None
+                results["autoattack"] = _flags(model, x_adv, ya, chosen, len(y))
             for key, value in accelerator.gather_for_metrics(results).items():
                 gathered.setdefault(key, []).append(value.cpu())
     bar.close()
