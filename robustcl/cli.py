@@ -167,17 +167,87 @@ def evaluate(
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `robustcl pretrain`.")],
-    out_dir: Annotated[Path, typer.Argument(help="Folder to write (replaced if it exists).")],
+    out_dir: Annotated[
+        Path, typer.Argument(help="Folder to write (new or empty; an earlier export there is replaced).")
+    ],
     bn_branch: Annotated[
         str | None,
         typer.Option(help="BN branch to export (default: the recipe's export.bn_branch, else 'pgd' when present)."),
     ] = None,
+    classifier: Annotated[
+        str | None,
+        typer.Option(
+            help="Export the classifier that `robustcl evaluate RUN_DIR --protocol P` finetuned (slf, alf or aff) "
+            "instead of the bare encoder; it loads with AutoModelForImageClassification.",
+            show_default=False,
+        ),
+    ] = None,
+    repo_id: Annotated[
+        str | None,
+        typer.Option(
+            help="Hub repo id the model card's loading example names (default: the recipe's export.repo_id, else "
+            "OUT_DIR's name).",
+            show_default=False,
+        ),
+    ] = None,
+    card_template: Annotated[
+        Path | None,
+        typer.Option(help="Jinja model card template (default: hub_cards/robustcl_model_card.md).", show_default=False),
+    ] = None,
 ) -> None:
-    """Export the newest checkpoint's encoder as safetensors + transformers config (AutoModel-loadable)."""
+    """Export the newest checkpoint as a transformers model folder: model.safetensors, config.json with remote code
+    (AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True) works without robustcl), preprocessor_config.json,
+    README.md model card, recipe.yaml, and the run's evaluations of exactly these weights (eval/<protocol>/)."""
     from .export import export_run
 
-    out = export_run(run_dir, out_dir, bn_branch)
-    typer.echo(f"robustcl: encoder exported to {out}")
+    result = export_run(
+        run_dir, out_dir, bn_branch, classifier=classifier, repo_id=repo_id, card_template=card_template
+    )
+    for reason in result.skipped:
+        typer.echo(f"robustcl: warning: evaluation not exported — {reason}", err=True)
+    what = f"{classifier.upper()} classifier" if classifier else "encoder"
+    evals = ", ".join(result.evaluations) or "none (run robustcl evaluate RUN_DIR to add measured accuracy)"
+    typer.echo(f"robustcl: {what} exported to {result.out_dir} (evaluations: {evals})")
+
+
+@app.command("push-to-hub")
+def push_to_hub(
+    export_dir: Annotated[Path, typer.Argument(help="A folder written by `robustcl export`.", show_default=False)],
+    repo_id: Annotated[str, typer.Argument(help="NAMESPACE/NAME on the Hub, e.g. my-org/acl-r18.", show_default=False)],
+    private: Annotated[
+        bool, typer.Option(help="Create the repo as private (an existing repo keeps its setting).")
+    ] = False,
+    revision: Annotated[
+        str | None,
+        typer.Option(help="Branch to commit to (created from main when missing; default: main).", show_default=False),
+    ] = None,
+    create_pr: Annotated[bool, typer.Option(help="Open a pull request with the commit instead of committing.")] = False,
+    commit_message: Annotated[
+        str | None, typer.Option(help="Commit message (default: 'Upload NAME (robustcl VERSION export)').")
+    ] = None,
+) -> None:
+    """Publish an export folder as a single commit (the repo is created if needed). Uses HF_TOKEN or the login cache
+    (`hf auth login`) and HF_ENDPOINT; refuses folders that are not a complete export or hold other files."""
+    from .hub import push_to_hub as run_push
+
+    result = run_push(
+        export_dir,
+        repo_id,
+        private=private,
+        revision=revision,
+        create_pr=create_pr,
+        commit_message=commit_message,
+    )
+    typer.echo(f"robustcl: pushed {len(result.files)} files to {result.repo_url}")
+    typer.echo(f"robustcl: commit {result.commit_url}")
+    if result.pr_url:
+        typer.echo(f"robustcl: pull request {result.pr_url}")
+    if result.card_names_other_repo:
+        typer.echo(
+            f"robustcl: note: the model card's loading example does not name {repo_id}; "
+            f"re-export with --repo-id {repo_id} to fix it",
+            err=True,
+        )
 
 
 @recipe_app.command("show")
@@ -233,4 +303,4 @@ def main() -> None:
     except UserError as err:
         if _is_main_process():
             print(f"robustcl: error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)

@@ -1,4 +1,5 @@
-"""The one exception type for mistakes a user can fix (bad recipe, missing file, wrong column)."""
+"""Errors the CLI reports on one line, without a traceback: mistakes a user can fix (bad recipe, missing file,
+wrong column; exit code 2) and failures of a remote service (exit code 1)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ class UserError(Exception):
     Format: ``<what> (<where>) — <how to fix>``; ``where`` names the file, key path or column.
     """
 
+    exit_code = 2
+
     def __init__(self, what: str, where: str | None = None, fix: str | None = None) -> None:
         self.what, self.where, self.fix = what, where, fix
         text = what
@@ -17,3 +20,9 @@ class UserError(Exception):
         if fix:
             text += f" — {fix}"
         super().__init__(text)
+
+
+class RemoteError(UserError):
+    """A remote service (the Hub) failed; the input was fine and the same command may succeed later. Exit code 1."""
+
+    exit_code = 1

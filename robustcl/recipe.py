@@ -218,11 +218,18 @@ class EvalConfig(Section):
     attacks: list[Literal["pgd20", "autoattack"]] = Field(["pgd20"], description="measurements besides SA")
     attack_subset: int | None = Field(None, gt=0, description="attack only the first N test images")
     after_pretrain: bool = Field(False, description="run this evaluation at the end of robustcl pretrain")
+    save_classifier: bool = Field(
+        True, description="save the finetuned classifier beside eval.json (for robustcl export --classifier)"
+    )
     seed: int = Field(0, description="seed of the validation split, head initialisation, shuffling, attacks")
 
 
 class ExportConfig(Section):
     bn_branch: str | None = Field(None, description="BN branch exported (default: 'pgd' when present)")
+    license: str = Field("apache-2.0", description="license identifier written into the model card metadata")
+    repo_id: str | None = Field(
+        None, description="Hub repo id the model card's loading example names (default: the export folder's name)"
+    )
 
 
 class Recipe(Section):
@@ -257,10 +264,10 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 _RecipeDumper.add_representer(list, _represent_list)
 
 
-# Keys that may change between a run and its resumption: the training length, and the evaluation settings
-# (they do not touch the weights).
+# Keys that may change between a run and its resumption: the training length, and the evaluation
+# and export settings (they do not touch the weights).
 RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps")}
-RESUMABLE_SECTIONS = {"eval"}
+RESUMABLE_SECTIONS = {"eval", "export"}
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

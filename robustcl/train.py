@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import platform
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .data.batches import EpochBatches, step_generator
 from .data.loading import load_images
 from .distributed import check_world_size
 from .errors import UserError
-from .export import export_method
+from .export import export_run
 from .methods import build_method
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, recipe_differences
@@ -52,6 +53,14 @@ def _installed_trackers(names: list[str]) -> list[str]:
     from accelerate.utils import is_tensorboard_available
 
     return [name for name in names if name != "tensorboard" or is_tensorboard_available()]
+
+
+def hardware_description(accelerator: Accelerator) -> str:
+    """What the run trains on, e.g. '8 × NVIDIA H100 80GB HBM3' or '2 × CPU process (x86_64)'."""
+    n = accelerator.num_processes
+    if accelerator.device.type == "cuda":
+        return f"{n} × {torch.cuda.get_device_name(accelerator.device)}"
+    return f"{n} × {accelerator.device.type.upper()} process ({platform.machine()})"
 
 
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
@@ -90,7 +99,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         raise UserError(
             f"output directory holds a run with a different recipe (differs in: {', '.join(diffs)})",
             str(run_dir / RECIPE_FILE),
-            "use the run's own recipe (only training.epochs / training.max_steps may change) or a new --output-dir",
+            "use the run's own recipe (only training.epochs / training.max_steps and the eval / export sections "
+            "may change) or a new --output-dir",
         )
 
 
@@ -136,16 +146,19 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     # The scheduler is not passed to prepare(): we step it once per optimizer step (Accelerate's wrapper would
     # step it once per process) and checkpoint its state ourselves.
     step = 0
+    compute: dict[str, Any] = {"images_seen": 0, "wall_time_s": 0.0, "hardware": []}
     checkpoint = latest_checkpoint(run_dir) if resume else None
     if checkpoint is not None:
         train_state = load_checkpoint(accelerator, checkpoint)
         step = int(train_state["step"])
         scheduler.load_state_dict(train_state["scheduler"])
+        compute = train_state.get("compute", compute)
         accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
+    compute["hardware"] = list(dict.fromkeys([*compute["hardware"], hardware_description(accelerator)]))
+    compute["dataset_images"] = len(data.images)
     if accelerator.is_main_process:
         accelerator.init_trackers("robustcl", config={"recipe": recipe.to_yaml()})
 
-    unwrapped = accelerator.unwrap_model(model)
     metrics_path = run_dir / METRICS_FILE
     bar = tqdm(
         total=total_steps,
@@ -200,7 +213,13 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
         bar.update(1)
         every = t.checkpoint_every
         if (every and step % every == 0) or step == total_steps:
-            train_state = {"step": step, "scheduler": scheduler.state_dict()}
+            # Totals over every session of the run: the model card reports the compute behind the weights.
+            so_far = {
+                **compute,
+                "images_seen": compute["images_seen"] + (step - start_step) * t.batch_size,
+                "wall_time_s": compute["wall_time_s"] + time.perf_counter() - started,
+            }
+            train_state = {"step": step, "scheduler": scheduler.state_dict(), "compute": so_far}
             save_checkpoint(accelerator, run_dir, step, t.keep_checkpoints, train_state)
     bar.close()
     wall = time.perf_counter() - started
@@ -214,8 +233,10 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
         final_loss=last_loss,
         evaluation=None,
     )
+    # The card's loading example names the run, not the folder called "encoder".
+    repo_id = recipe.export.repo_id or run_dir.resolve().name
     if accelerator.is_main_process:
-        export_method(unwrapped, summary.encoder_dir, recipe)
+        export_run(run_dir, summary.encoder_dir, repo_id=repo_id)
     accelerator.wait_for_everyone()
     if recipe.eval.after_pretrain:
         from .evaluation import evaluate, run_dir_output
@@ -228,6 +249,9 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
             accelerator=accelerator,
             progress=recipe.logging.progress_bar,
         )
+        if accelerator.is_main_process:
+            export_run(run_dir, summary.encoder_dir, repo_id=repo_id)  # again, now with the measured figures
+        accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         record = {**summary.__dict__, "run_dir": str(run_dir), "encoder_dir": str(summary.encoder_dir)}
         (run_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2))

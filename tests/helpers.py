@@ -51,3 +51,56 @@ def with_sets(*sets: str) -> list[str]:
     for s in sets:
         out += ["--set", s]
     return out
+
+
+def _requirement_closure(roots: list[str]) -> set[str]:
+    """Installed distributions ``roots`` need (required dependencies only, markers evaluated, extras skipped)."""
+    from importlib.metadata import PackageNotFoundError, distribution
+
+    from packaging.requirements import Requirement
+
+    seen: set[str] = set()
+    queue = list(roots)
+    while queue:
+        name = queue.pop().lower().replace("_", "-")
+        if name in seen:
+            continue
+        try:
+            dist = distribution(name)
+        except PackageNotFoundError:
+            continue
+        seen.add(name)
+        for text in dist.requires or []:
+            req = Requirement(text)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                queue.append(req.name)
+    return seen
+
+
+def bare_python(folder: Path, packages: tuple[str, ...] = ("torch", "transformers", "safetensors")) -> Path:
+    """A fresh virtual environment that sees only ``packages`` and their required dependencies (linked from this
+    environment, not reinstalled): what a downstream user without robustcl has. Returns its python."""
+    import venv
+    from importlib.metadata import distribution
+
+    venv.EnvBuilder(with_pip=False, symlinks=True).create(folder)
+    python = folder / "bin" / "python"
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    linked = folder / "linked"
+    linked.mkdir()
+    for name in _requirement_closure(list(packages)):
+        dist = distribution(name)
+        base = Path(dist.locate_file(""))
+        for top in {Path(str(f)).parts[0] for f in dist.files or [] if not str(f).startswith("..")}:
+            source, target = base / top, linked / top
+            if source.exists() and not target.exists() and not top.endswith(".pth"):
+                target.symlink_to(source)
+    (site / "linked.pth").write_text(f"{linked}\n")
+    return python

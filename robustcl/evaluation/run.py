@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import re
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,16 +17,15 @@ from accelerate.utils import broadcast
 from ..data.loading import load_images
 from ..distributed import check_world_size
 from ..errors import UserError
+from ..export_layout import CLASSIFIER_DIR, CURVE_FILE, EVAL_DIR, PROTOCOLS, REPORT_FILE
+from ..fingerprint import weights_sha256
 from ..recipe import Recipe, override_recipe
 from .backbone import LoadedModel, load_model
-from .finetune import LabelledImages, finetune, split_validation
+from .finetune import Classifier, LabelledImages, finetune, split_validation
 from .measure import Measurement, measure, pgd_curve_step, require_autoattack
 from .report import format_table, plot_curve, software_versions, write_json
 
-PROTOCOLS = ("slf", "alf", "aff")
 ATTACKS = ("pgd20", "autoattack")
-REPORT_FILE = "eval.json"
-CURVE_FILE = "robustness_curve.png"
 
 
 @dataclass
@@ -87,7 +88,7 @@ def load_eval_data(recipe: Recipe, progress: bool = True) -> EvalData:
 
 def run_dir_output(run_dir: Path, protocol: str) -> Path:
     """Where a run directory keeps its evaluations (also the end-of-pretraining one)."""
-    return Path(run_dir) / "eval" / protocol / REPORT_FILE
+    return Path(run_dir) / EVAL_DIR / protocol / REPORT_FILE
 
 
 def default_output(loaded: LoadedModel, protocol: str) -> Path:
@@ -113,6 +114,33 @@ def _share_weights(model: torch.nn.Module, accelerator: Accelerator) -> None:
     if accelerator.num_processes > 1:
         for tensor in model.state_dict().values():
             tensor.copy_(broadcast(tensor.clone(), from_process=0))
+
+
+def _transformers_classifier(classifier: Classifier, class_names: list[str] | None) -> torch.nn.Module | None:
+    """The finetuned classifier as ``RobustCLResNetForImageClassification`` (None for other backbones)."""
+    from ..models import RobustCLResNetForImageClassification, RobustCLResNetModel
+
+    backbone = classifier.encoder.backbone
+    if not isinstance(backbone, RobustCLResNetModel) or classifier.encoder.normalise:
+        return None
+    config = copy.deepcopy(backbone.config)
+    num_labels = classifier.head.out_features
+    names = class_names if class_names and len(class_names) == num_labels else [str(i) for i in range(num_labels)]
+    config.id2label = dict(enumerate(names))
+    config.label2id = {name: i for i, name in enumerate(names)}
+    model = RobustCLResNetForImageClassification(config)
+    model.robustcl.load_state_dict(backbone.state_dict())
+    model.classifier.load_state_dict(classifier.head.state_dict())
+    return model.to(next(backbone.parameters()).device).eval()
+
+
+def _save_classifier(model: torch.nn.Module, folder: Path) -> None:
+    """``save_pretrained`` into a temporary sibling, then renamed: never a half-written classifier folder."""
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
 
 
 def _accuracy(flags: torch.Tensor | None) -> float | None:
@@ -157,6 +185,8 @@ def evaluate(
     output = Path(output) if output is not None else default_output(loaded, protocol)
 
     data = load_eval_data(recipe, progress=progress and accelerator.is_local_main_process)
+    # Ties the report to the exact weights measured: exports ship only the evaluations of their own weights.
+    encoder_sha256 = weights_sha256(loaded.encoder.backbone)
     cfg = getattr(ev, protocol)
     result = finetune(
         loaded.encoder,
@@ -170,6 +200,9 @@ def evaluate(
         progress=progress and main,
     )
     _share_weights(result.classifier, accelerator)
+    hf_classifier = None
+    if ev.save_classifier:
+        hf_classifier = _transformers_classifier(result.classifier, data.source["class_names"])
     measured = measure(
         result.classifier,
         data.test.images,
@@ -224,6 +257,8 @@ def evaluate(
             "val_accuracy": result.val_accuracy,
             "history": result.history,
         },
+        "encoder_sha256": encoder_sha256,
+        "classifier_sha256": weights_sha256(hf_classifier) if hf_classifier is not None else None,
         "seed": ev.seed,
         "num_processes": accelerator.num_processes,
         "device": str(accelerator.device),
@@ -231,8 +266,11 @@ def evaluate(
         "wall_time_s": time.perf_counter() - started,
         "output": str(output),
         "curve_png": None,
+        "classifier_dir": str(output.with_name(CLASSIFIER_DIR)) if hf_classifier is not None else None,
     }
     if main:
+        if hf_classifier is not None:
+            _save_classifier(hf_classifier, output.with_name(CLASSIFIER_DIR))
         if report["curve"]:
             report["curve_png"] = str(output.with_name(CURVE_FILE))
             plot_curve(report, Path(report["curve_png"]))

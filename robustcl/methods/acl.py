@@ -15,7 +15,7 @@ from ..data.augment import SimCLRAugment, SimCLRAugmentParams
 from ..losses import nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..recipe import Recipe
-from .base import Method, encoder_config
+from .base import Method, Paper, encoder_config
 
 
 def simclr_augment(recipe: Recipe) -> SimCLRAugment:
@@ -35,6 +35,13 @@ def simclr_augment(recipe: Recipe) -> SimCLRAugment:
 
 
 class ACL(Method):
+    paper = Paper(
+        title="Robust Pre-Training by Adversarial Contrastive Learning",
+        authors="Jiang et al.",
+        venue="NeurIPS 2020",
+        url="https://arxiv.org/abs/2010.13337",
+    )
+
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
         opts = recipe.method.acl
@@ -48,6 +55,14 @@ class ACL(Method):
         self.augment = simclr_augment(recipe)
         self.temperature = recipe.method.temperature
         self.attack = recipe.attack
+
+    def describe(self) -> str:
+        t = f"temperature {self.temperature:g}"
+        if self.variant == "ds":
+            return f"ACL-DS: ½ [NT-Xent(clean pair, 'normal' BN) + NT-Xent(PGD pair, 'pgd' BN)], {t}"
+        if self.variant == "a2a":
+            return f"ACL-A2A: NT-Xent of the pair with both views attacked by PGD, {t}"
+        return f"ACL-A2S: NT-Xent of a PGD-attacked view against a clean view, {t}"
 
     def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         return self.projector(self.encoder(x, bn_branch=branch).pooler_output, bn_branch=branch)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 from torch import nn
 
@@ -21,6 +24,16 @@ def encoder_config(cfg: ModelConfig, bn_branches: list[str]) -> RobustCLResNetCo
     )
 
 
+@dataclass(frozen=True)
+class Paper:
+    """The publication a method follows (cited in model cards)."""
+
+    title: str
+    authors: str
+    venue: str
+    url: str
+
+
 class Method(nn.Module):
     """A self-supervised method: owns its encoder, heads and views; the trainer only calls ``forward``.
 
@@ -31,6 +44,7 @@ class Method(nn.Module):
 
     encoder: RobustCLResNetModel
     bn_branches: list[str]
+    paper: ClassVar[Paper | None] = None
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
@@ -39,6 +53,10 @@ class Method(nn.Module):
     def forward(  # type: ignore[override]
         self, images: torch.Tensor, generator: torch.Generator
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def describe(self) -> str:
+        """The training objective in one line (model cards)."""
         raise NotImplementedError
 
     @property

@@ -1,21 +1,27 @@
 """Encoders and heads (torch + transformers only; also shipped as remote code with exported models)."""
 
-from transformers import AutoConfig, AutoModel
+from transformers import AutoConfig, AutoModel, AutoModelForImageClassification
 
 from .configuration_robustcl import RobustCLResNetConfig
 from .heads import ProjectionHead
-from .modeling_robustcl import RobustCLResNetModel, RobustCLResNetPreTrainedModel
+from .modeling_robustcl import (
+    RobustCLResNetForImageClassification,
+    RobustCLResNetModel,
+    RobustCLResNetPreTrainedModel,
+)
 from .resnet import MultiBatchNorm, make_batch_norm, set_bn_branch
 
-# Lets AutoModel.from_pretrained(dir) resolve "robustcl-resnet" without trust_remote_code
-# once robustcl is imported.
+# Lets AutoModel / AutoModelForImageClassification.from_pretrained(dir_or_repo) resolve "robustcl-resnet" without
+# trust_remote_code in any process that imported robustcl.
 AutoConfig.register(RobustCLResNetConfig.model_type, RobustCLResNetConfig, exist_ok=True)
 AutoModel.register(RobustCLResNetConfig, RobustCLResNetModel, exist_ok=True)
+AutoModelForImageClassification.register(RobustCLResNetConfig, RobustCLResNetForImageClassification, exist_ok=True)
 
 __all__ = [
     "MultiBatchNorm",
     "ProjectionHead",
     "RobustCLResNetConfig",
+    "RobustCLResNetForImageClassification",
     "RobustCLResNetModel",
     "RobustCLResNetPreTrainedModel",
     "make_batch_norm",

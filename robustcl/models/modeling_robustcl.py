@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 from transformers import PreTrainedModel
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ImageClassifierOutputWithNoAttention
 
 from .configuration_robustcl import RobustCLResNetConfig
 from .resnet import ResNetBackbone, resolve_bn_branch, set_bn_branch
@@ -73,6 +73,9 @@ class RobustCLResNetModel(RobustCLResNetPreTrainedModel):
     With ``config.bn_branches`` set, every BatchNorm is a :class:`MultiBatchNorm` and each
     forward call picks its branch through ``bn_branch``.
     """
+
+    # Loading the encoder alone from a classifier export leaves the head out on purpose.
+    _keys_to_ignore_on_load_unexpected = [r"^classifier\."]
 
     def __init__(self, config: RobustCLResNetConfig) -> None:
         super().__init__(config)
@@ -170,4 +173,38 @@ class RobustCLResNetModel(RobustCLResNetPreTrainedModel):
         return new_model
 
 
-__all__ = ["RobustCLResNetModel", "RobustCLResNetPreTrainedModel"]
+class RobustCLResNetForImageClassification(RobustCLResNetPreTrainedModel):
+    """The encoder with a linear head on its pooled features: pixels in [0, 1] → class logits.
+
+    This is what a finetuning protocol produces (SLF: the pretrained encoder with a trained head; AFF: both
+    trained). ``AutoModel`` loads the encoder alone from the same folder (weights under ``robustcl.``).
+    """
+
+    def __init__(self, config: RobustCLResNetConfig) -> None:
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.robustcl = RobustCLResNetModel(config)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        bn_branch: str | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> ImageClassifierOutputWithNoAttention | tuple[torch.Tensor, ...]:
+        """Logits for ``pixel_values`` (N×C×H×W in [0, 1]); with ``labels``, also the cross-entropy loss."""
+        return_dict = return_dict if return_dict is not None else getattr(self.config, "return_dict", True)
+        encoded = self.robustcl(
+            pixel_values, bn_branch=bn_branch, output_hidden_states=output_hidden_states, return_dict=True
+        )
+        logits = self.classifier(encoded.pooler_output)
+        loss = nn.functional.cross_entropy(logits, labels) if labels is not None else None
+        if not return_dict:
+            return tuple(v for v in (loss, logits, encoded.hidden_states) if v is not None)
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=encoded.hidden_states)
+
+
+__all__ = ["RobustCLResNetForImageClassification", "RobustCLResNetModel", "RobustCLResNetPreTrainedModel"]

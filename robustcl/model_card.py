@@ -1,0 +1,266 @@
+"""The model card of an export: ``README.md`` rendered from the jinja template in ``hub_cards/`` through
+``huggingface_hub.ModelCard``, with ``model-index`` metadata built from the evaluation reports it ships.
+
+Every number in the card comes from the facts passed in (the run's checkpoint record and its ``eval.json``
+files); nothing is filled in when a fact is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+
+from .errors import UserError
+from .methods.base import Method
+from .models import RobustCLResNetPreTrainedModel
+from .recipe import Recipe
+
+TEMPLATE_NAME = "robustcl_model_card.md"
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
+_PROTOCOL_TEXT = {
+    "slf": "frozen encoder, linear head trained on clean images",
+    "alf": "frozen encoder, linear head trained on PGD examples",
+    "aff": "whole network finetuned with TRADES",
+}
+
+
+@dataclass
+class CardFacts:
+    """What the card states, all measured or recorded by robustcl."""
+
+    repo_id: str
+    license: str
+    model: RobustCLResNetPreTrainedModel
+    resolution: int
+    bn_branch: str | None = None
+    method: Method | None = None
+    recipe: Recipe | None = None
+    compute: dict[str, Any] | None = None  # the checkpoint's record: steps, images_seen, wall_time_s, hardware
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json reports
+    classifier_protocol: str | None = None  # set when the export is a finetuned classifier
+
+
+def default_template() -> Path:
+    """``hub_cards/robustcl_model_card.md`` (packaged as ``robustcl.hub_cards``; the repo folder in a checkout)."""
+    try:
+        path = Path(str(importlib.resources.files("robustcl.hub_cards") / TEMPLATE_NAME))
+    except ModuleNotFoundError:
+        path = Path(__file__).resolve().parents[1] / "hub_cards" / TEMPLATE_NAME
+    return path
+
+
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f}%"
+
+
+def _eps(value: float) -> str:
+    return f"{value * 255:g}/255"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    minutes = seconds / 60
+    if minutes < 120:
+        return f"{minutes:.0f} min"
+    return f"{minutes / 60:.1f} h"
+
+
+def dataset_display(path: str) -> str:
+    """A Hub dataset id as is; a local path by its folder name (cards are public, local paths are not)."""
+    if _HUB_ID.match(path) or path.startswith("builtin:"):
+        return path
+    return f"{Path(path).name or path} (local files)"
+
+
+def _architecture(facts: CardFacts) -> dict[str, Any]:
+    config = facts.model.config
+    layers = 2 + 2 * sum(config.block_layers)  # stem conv + two convs per basic block + the (absent) fc slot
+    name = "ResNet-18" if list(config.block_layers) == [2, 2, 2, 2] else f"ResNet ({layers}-layer layout)"
+    return {
+        "description": f"{name}, {config.stem} stem, widths {'/'.join(map(str, config.widths))}, "
+        f"blocks {'/'.join(map(str, config.block_layers))}",
+        "parameters": f"{sum(p.numel() for p in facts.model.parameters()):,}",
+        "feature_dim": config.hidden_size,
+        "resolution": facts.resolution,
+        "mean": [round(m, 4) for m in config.image_mean],
+        "std": [round(s, 4) for s in config.image_std],
+        "bn_branch": facts.bn_branch,
+    }
+
+
+def _pretraining(facts: CardFacts) -> dict[str, Any] | None:
+    recipe = facts.recipe
+    if recipe is None:
+        return None
+    a, o, s = recipe.attack, recipe.optimizer, recipe.schedule
+    attack = (
+        f"PGD-{a.steps}, ε {_eps(a.epsilon)}, step {_eps(a.step_size)}, "
+        f"{'random' if a.random_start else 'no random'} start, BN in {a.bn_mode} mode"
+        if a.steps > 0 and a.epsilon > 0
+        else "none"
+    )
+    return {
+        "data": dataset_display(recipe.data.path) + (f" [{recipe.data.name}]" if recipe.data.name else ""),
+        "split": recipe.data.split,
+        "max_samples": recipe.data.max_samples,
+        "resolution": recipe.data.resolution,
+        "objective": facts.method.describe() if facts.method is not None else recipe.method.name,
+        "attack": attack,
+        "optimizer": f"{o.name.upper()}, lr {o.lr:g}, weight decay {o.weight_decay:g}, momentum {o.momentum:g}; "
+        f"{s.name} schedule, {s.warmup_epochs:g} warm-up epochs",
+        "batch_size": recipe.training.batch_size,
+    }
+
+
+def _compute(facts: CardFacts) -> dict[str, Any] | None:
+    c = facts.compute
+    if not c:
+        return None
+    size = c.get("dataset_images")
+    return {
+        "steps": f"{c['steps']:,}",
+        "images_seen": f"{c['images_seen']:,}",
+        "epochs": f"{c['images_seen'] / size:.1f}" if size else "–",
+        "wall_time": _duration(c["wall_time_s"]),
+        "hardware": "; ".join(c["hardware"]) or "–",
+    }
+
+
+def _evaluation_rows(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for e in evaluations:
+        rows.append(
+            {
+                "protocol": e["protocol"].upper(),
+                "dataset": dataset_display(e["dataset"]["path"]) + f" ({e['dataset']['test_split']})",
+                "epsilon": _eps(e["epsilon"]),
+                "SA": _pct(e["SA"]),
+                "RA": _pct(e["RA"]),
+                "AA": _pct(e["AA"]),
+                "test_images": e["split_sizes"]["test"],
+                "attacked": e["split_sizes"]["attacked"],
+                "selected_epoch": e["finetune"]["selected_epoch"],
+                "epochs": e["finetune"]["epochs"],
+            }
+        )
+    return rows
+
+
+def _threat(evaluations: list[dict[str, Any]]) -> dict[str, str]:
+    pgd = {
+        f"PGD-{p['steps']} (cross-entropy, step {_eps(p['step_size'])}, "
+        f"{'random' if p['random_start'] else 'no random'} start)"
+        for p in (e["attack"]["pgd"] for e in evaluations if e["RA"] is not None)
+    }
+    aa = {
+        f"version '{e['attack']['autoattack']['version']}'"
+        for e in evaluations
+        if e["AA"] is not None and e["attack"]["autoattack"]
+    }
+    return {"pgd": "; ".join(sorted(pgd)) or "not measured", "autoattack": "; ".join(sorted(aa)) or "not measured"}
+
+
+def eval_results(evaluations: list[dict[str, Any]]) -> list[EvalResult]:
+    """``model-index`` entries: SA, RA and AA (when measured) of every evaluation, in percent."""
+    results = []
+    for e in evaluations:
+        data, protocol = e["dataset"], e["protocol"]
+        pgd = e["attack"]["pgd"]
+        measured = [
+            ("SA", "clean", e["SA"]),
+            (f"RA (PGD-{pgd['steps']})", f"pgd{pgd['steps']}", e["RA"]),
+            ("AA (AutoAttack)", "autoattack", e["AA"]),
+        ]
+        for name, attack, value in measured:
+            if value is None:
+                continue
+            results.append(
+                EvalResult(
+                    task_type="image-classification",
+                    task_name="Image classification",
+                    dataset_type=dataset_display(data["path"]),
+                    dataset_name=dataset_display(data["path"]),
+                    dataset_config=data.get("name"),
+                    dataset_split=data["test_split"],
+                    metric_type="accuracy",
+                    metric_name=f"{name}, {protocol.upper()}",
+                    metric_config=protocol,
+                    metric_value=round(100 * value, 2),
+                    metric_args={
+                        "protocol": protocol,
+                        "attack": attack,
+                        "norm": "Linf",
+                        "epsilon": _eps(e["epsilon"]),
+                        "test_images": e["split_sizes"]["test" if attack == "clean" else "attacked"],
+                    },
+                )
+            )
+    return results
+
+
+def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCard:
+    """The card as a ``ModelCard`` (YAML metadata + markdown)."""
+    template = Path(template) if template is not None else default_template()
+    if not template.is_file():
+        raise UserError("model card template not found", str(template), "give an existing jinja markdown file")
+    method_name = facts.recipe.method.name if facts.recipe else None
+    datasets = [facts.recipe.data.path] if facts.recipe and _HUB_ID.match(facts.recipe.data.path) else None
+    is_classifier = facts.classifier_protocol is not None
+    results = eval_results(facts.evaluations)
+    data = ModelCardData(
+        model_name=facts.repo_id.split("/")[-1],
+        license=facts.license,
+        library_name="transformers",
+        pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
+        tags=[t for t in ("robustcl", "adversarial-robustness", "self-supervised-learning", method_name) if t],
+        datasets=datasets,
+        metrics=["accuracy"] if results else None,
+        eval_results=results or None,
+    )
+    from . import __version__
+
+    method = {"name": method_name.upper() if method_name else "unknown", "paper": getattr(facts.method, "paper", None)}
+    title = f"{facts.repo_id.split('/')[-1]}: " + (
+        f"robust classifier ({facts.classifier_protocol.upper()})" if is_classifier else "robust image encoder"
+    )
+    summary = (
+        f"An image encoder pretrained with {method['name'] if method_name else 'robustcl'}"
+        + (f" with a linear head finetuned by {facts.classifier_protocol.upper()}" if is_classifier else "")
+        + ", trained self-supervised (without labels) to keep its features stable under adversarial perturbations."
+    )
+    classifier = None
+    if is_classifier:
+        classifier = {
+            "protocol": facts.classifier_protocol,
+            "num_labels": facts.model.config.num_labels,
+            "description": _PROTOCOL_TEXT[facts.classifier_protocol],
+        }
+    import jinja2
+
+    try:
+        return ModelCard.from_template(
+            data,
+            template_path=str(template),
+            title=title,
+            summary=summary,
+            repo_id=facts.repo_id,
+            method=method,
+            arch=_architecture(facts),
+            classifier=classifier,
+            versions={"robustcl": __version__},
+            pretraining=_pretraining(facts),
+            compute=_compute(facts),
+            evaluations=_evaluation_rows(facts.evaluations),
+            threat=_threat(facts.evaluations),
+            license=facts.license,
+        )
+    except jinja2.TemplateError as err:
+        raise UserError(
+            f"the model card template does not render: {err}", str(template), "fix the jinja template"
+        ) from None

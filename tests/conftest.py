@@ -1,0 +1,52 @@
+"""Fixtures shared by several test files: a local Hub over real HTTP, a trained and evaluated run with its exports,
+and a Python environment without robustcl."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from helpers import TINY, bare_python, robustcl, with_sets
+from hub_server import LocalHub
+
+AFF_SETS = ["eval.aff.epochs=1", "eval.aff.batch_size=64", "eval.aff.attack_steps=2"]
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # huggingface_hub reads most env vars at import time, so tests also pass endpoint/token/cache_dir explicitly;
+    # the env matters for subprocesses and for anything read lazily.
+    monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with LocalHub() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def run(tmp_path_factory) -> Path:
+    """A tiny ACL-DS run evaluated with SLF (at the end of pretraining) and AFF (afterwards)."""
+    run = tmp_path_factory.mktemp("run") / "digits-acl"
+    res = robustcl("pretrain", "recipes/quickstart.yaml", "-o", str(run), *with_sets(*TINY, "training.max_steps=4"))
+    assert res.returncode == 0, res.stderr[-3000:]
+    res = robustcl("evaluate", str(run), "--protocol", "aff", *with_sets(*TINY, *AFF_SETS))
+    assert res.returncode == 0, res.stderr[-3000:]
+    return run
+
+
+@pytest.fixture(scope="session")
+def exported(run, tmp_path_factory) -> Path:
+    """``encoder/``: the run's encoder export (with both evaluations); ``aff/``: its AFF classifier export."""
+    out = tmp_path_factory.mktemp("exports")
+    res = robustcl("export", str(run), str(out / "encoder"), "--repo-id", "my-org/digits-acl")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "evaluations: slf, aff" in res.stdout
+    res = robustcl("export", str(run), str(out / "aff"), "--classifier", "aff", "--repo-id", "my-org/digits-acl-aff")
+    assert res.returncode == 0, res.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="session")
+def bare(tmp_path_factory) -> Path:
+    """Python of a virtual environment with only torch, transformers and safetensors (and their dependencies)."""
+    return bare_python(tmp_path_factory.mktemp("bare") / "venv")
