@@ -1,5 +1,5 @@
-"""The ``robustcl`` command line. It only parses arguments and calls the library; heavy imports happen lazily
-inside each command so that ``robustcl --help`` stays fast."""
+"""The ``robustcl`` command line. It only parses arguments and calls the library; each command imports what it
+needs (``import robustcl`` itself loads only torch and the transformers model classes it registers)."""
 
 from __future__ import annotations
 

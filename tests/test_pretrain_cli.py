@@ -127,7 +127,9 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_run(tmp_path
     assert all(torch.equal(a[k], b[k]) for k in a), "resumed weights differ from the uninterrupted run"
     sa = json.loads((straight / "checkpoints/step-00000008/train_state.json").read_text())
     sb = json.loads((interrupted / "checkpoints/step-00000008/train_state.json").read_text())
-    assert sa == sb
+    # Wall time is the only thing allowed to differ; images seen add up over the two sessions.
+    assert sa["compute"].pop("wall_time_s") > 0 and sb["compute"].pop("wall_time_s") > 0
+    assert sa == sb and sa["compute"]["images_seen"] == 8 * 32
 
 
 def test_run_dir_refuses_a_different_recipe_and_no_resume(tmp_path):
@@ -184,13 +186,24 @@ def test_recipe_validate_and_show_accept_shipped_recipes():
     assert res.returncode == 0 and "max_steps: 3" in res.stdout and "variant: ds" in res.stdout
 
 
-def test_help_is_fast_and_documents_every_command():
-    start = time.perf_counter()
-    res = robustcl("--help")
-    assert res.returncode == 0 and time.perf_counter() - start < 2.0
-    for command in ("pretrain", "export", "recipe"):
+def test_help_documents_every_command_without_loading_the_training_stack():
+    script = """
+import sys
+from robustcl.cli import main
+sys.argv = ["robustcl", "--help"]
+try:
+    main()
+except SystemExit as exit:
+    assert not exit.code, exit.code
+heavy = ("datasets", "matplotlib", "robustcl.train", "robustcl.evaluation", "robustcl.export", "robustcl.hub")
+heavy = sorted(m for m in heavy if m in sys.modules)
+assert not heavy, heavy
+"""
+    res = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=cli_env(), capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for command in ("pretrain", "evaluate", "export", "push-to-hub", "recipe"):
         assert command in res.stdout
-    for command in (["pretrain"], ["export"], ["recipe", "show"], ["recipe", "validate"]):
+    for command in (["pretrain"], ["export"], ["push-to-hub"], ["recipe", "show"], ["recipe", "validate"]):
         res = robustcl(*command, "--help")
         assert res.returncode == 0 and "Usage" in res.stdout
     res = subprocess.run([sys.executable, "-m", "robustcl", "--help"], cwd=REPO, capture_output=True, text=True)
