@@ -80,10 +80,10 @@ def dataset_display(path: str) -> str:
 
 def _architecture(facts: CardFacts) -> dict[str, Any]:
     config = facts.model.config
-    layers = 2 + 2 * sum(config.block_layers)  # stem conv + two convs per basic block + the (absent) fc slot
-    name = "ResNet-18" if list(config.block_layers) == [2, 2, 2, 2] else f"ResNet ({layers}-layer layout)"
+    # Counted as ResNet names count: the stem conv, two convs per basic block and the final linear layer.
+    depth = 2 + 2 * sum(config.block_layers)
     return {
-        "description": f"{name}, {config.stem} stem, widths {'/'.join(map(str, config.widths))}, "
+        "description": f"ResNet-{depth}, {config.stem} stem, widths {'/'.join(map(str, config.widths))}, "
         f"blocks {'/'.join(map(str, config.block_layers))}",
         "parameters": f"{sum(p.numel() for p in facts.model.parameters()):,}",
         "feature_dim": config.hidden_size,
