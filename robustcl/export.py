@@ -25,6 +25,7 @@ from .export_layout import (
     REPORT_FILE,
     WEIGHTS_FILE,
     export_files,
+    read_model_type,
 )
 from .fingerprint import weights_sha256
 from .methods.base import Method
@@ -68,17 +69,12 @@ def image_processor_config(resolution: int) -> dict[str, Any]:
 
 def _prepare_output(out_dir: Path) -> Path:
     """A temporary sibling of ``out_dir``; refuses to replace a folder that is not an earlier export."""
-    if out_dir.exists() and any(out_dir.iterdir()):
-        try:
-            is_export = json.loads((out_dir / CONFIG_FILE).read_text()).get("model_type") == MODEL_TYPE
-        except (OSError, ValueError):
-            is_export = False
-        if not is_export:
-            raise UserError(
-                "output folder exists and is not a robustcl export",
-                str(out_dir),
-                "choose a new or empty folder (an earlier export is replaced)",
-            )
+    if out_dir.exists() and any(out_dir.iterdir()) and read_model_type(out_dir) != MODEL_TYPE:
+        raise UserError(
+            "output folder exists and is not a robustcl export",
+            str(out_dir),
+            "choose a new or empty folder (an earlier export is replaced)",
+        )
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -218,7 +214,8 @@ def _matching_evaluations(run_dir: Path, fingerprint: str) -> tuple[dict[str, Pa
                 f"re-run robustcl evaluate {run_dir} --protocol {protocol}"
             )
             continue
-        dirs[protocol], reports = folder, [*reports, report]
+        dirs[protocol] = folder
+        reports.append(report)
     return dirs, reports, skipped
 
 

@@ -46,6 +46,14 @@ def export_file_set() -> set[str]:
     return {*REQUIRED_FILES, RECIPE_FILE, *remote_code_files(), *evals}
 
 
+def read_model_type(folder: Path) -> str | None:
+    """``model_type`` of the folder's config.json, or None when there is no readable one."""
+    try:
+        return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def export_files(folder: Path) -> list[str]:
     """The relative paths of a complete robustcl export, checked: refuses missing required files, anything outside
     the export set, dotfiles and symlinks (nothing outside the folder can be published through a link)."""
@@ -77,10 +85,7 @@ def export_files(folder: Path) -> list[str]:
             str(folder),
             "re-run robustcl export RUN_DIR OUT_DIR to write a complete folder",
         )
-    try:
-        model_type = json.loads((folder / CONFIG_FILE).read_text()).get("model_type")
-    except ValueError:
-        model_type = None
+    model_type = read_model_type(folder)
     if model_type != MODEL_TYPE:
         raise UserError(
             f"config.json does not describe a robustcl model (model_type {model_type!r})",

@@ -53,6 +53,15 @@ def with_sets(*sets: str) -> list[str]:
     return out
 
 
+def read_tree(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` by POSIX relative path, without the ``.cache`` folder snapshot_download adds."""
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in Path(root).rglob("*")
+        if p.is_file() and ".cache" not in p.relative_to(root).parts
+    }
+
+
 def _requirement_closure(roots: list[str]) -> set[str]:
     """Installed distributions ``roots`` need (required dependencies only, markers evaluated, extras skipped)."""
     from importlib.metadata import PackageNotFoundError, distribution

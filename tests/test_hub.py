@@ -10,7 +10,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import cli_env, robustcl
+from helpers import cli_env, read_tree, robustcl
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 
@@ -42,10 +42,6 @@ def repo_files(hub, revision: str = "main") -> dict[str, bytes]:
     return {k: v for k, v in hub.files(REPO_ID, revision).items() if k != ".gitattributes"}
 
 
-def local_files(folder) -> dict[str, bytes]:
-    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
-
-
 def test_push_creates_the_repo_in_one_commit_and_downloads_byte_identical(hub, exported, run, tmp_path):
     res = push(hub, tmp_path, str(exported / "encoder"), REPO_ID)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -55,8 +51,8 @@ def test_push_creates_the_repo_in_one_commit_and_downloads_byte_identical(hub, e
     assert "note:" not in res.stderr  # the card names this repo id
 
     download = snapshot_download(REPO_ID, endpoint=hub.url, local_dir=tmp_path / "dl", token=False)
-    got = {k: v for k, v in local_files(tmp_path / "dl").items() if not k.startswith(".")}
-    assert got == local_files(exported / "encoder")
+    got = {k: v for k, v in read_tree(tmp_path / "dl").items() if not k.startswith(".")}
+    assert got == read_tree(exported / "encoder")
     card = ModelCard.load(os.path.join(download, "README.md"))
     reports = [json.loads((run / "eval" / p / "eval.json").read_text()) for p in ("slf", "aff")]
     assert sorted(e.metric_value for e in card.data.eval_results) == sorted(
@@ -103,18 +99,18 @@ with torch.no_grad():
 def test_revision_and_pull_requests_leave_main_untouched(hub, exported, tmp_path):
     res = push(hub, tmp_path, str(exported / "encoder"), REPO_ID, "--revision", "dev")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert repo_files(hub) == {} and repo_files(hub, "dev") == local_files(exported / "encoder")
+    assert repo_files(hub) == {} and repo_files(hub, "dev") == read_tree(exported / "encoder")
 
     res = push(hub, tmp_path, str(exported / "aff"), REPO_ID, "--create-pr", "--commit-message", "AFF classifier")
     assert res.returncode == 0, res.stderr[-3000:]
     assert f"robustcl: pull request {hub.url}/{REPO_ID}/discussions/1" in res.stdout
-    assert repo_files(hub) == {} and repo_files(hub, "refs/pr/1") == local_files(exported / "aff")
+    assert repo_files(hub) == {} and repo_files(hub, "refs/pr/1") == read_tree(exported / "aff")
     assert hub.commits(REPO_ID, "refs/pr/1")[-1]["message"] == "AFF classifier"
 
     res = push(hub, tmp_path, str(exported / "aff"), REPO_ID, "--revision", "dev", "--create-pr")
     assert res.returncode == 0, res.stderr[-3000:]
-    assert repo_files(hub, "refs/pr/2") == local_files(exported / "aff")
-    assert repo_files(hub, "dev") == local_files(exported / "encoder")
+    assert repo_files(hub, "refs/pr/2") == read_tree(exported / "aff")
+    assert repo_files(hub, "dev") == read_tree(exported / "encoder")
 
 
 def test_push_to_an_existing_repo_replaces_the_previous_export(hub, exported, tmp_path):
@@ -124,7 +120,7 @@ def test_push_to_an_existing_repo_replaces_the_previous_export(hub, exported, tm
     assert res.returncode == 0, res.stderr[-3000:]
     assert [c["message"] for c in hub.commits(REPO_ID)][-1] == "classifier" and len(hub.commits(REPO_ID)) == 3
     # The encoder's eval/slf report would contradict the classifier's card: export files the new export lacks go.
-    assert repo_files(hub) == local_files(exported / "aff")
+    assert repo_files(hub) == read_tree(exported / "aff")
     assert "re-export with --repo-id my-org/digits-acl" in res.stderr  # its card names my-org/digits-acl-aff
 
 

@@ -10,6 +10,7 @@ import types
 from pathlib import Path
 
 import pytest
+from helpers import read_tree
 from hub_server import LocalHub
 from huggingface_hub import CommitOperationAdd, HfApi, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
@@ -44,14 +45,6 @@ def make_folder(root: Path, **overrides: bytes) -> dict[str, bytes]:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         (root / name).write_bytes(data)
     return files
-
-
-def read_tree(root: Path) -> dict[str, bytes]:
-    return {
-        p.relative_to(root).as_posix(): p.read_bytes()
-        for p in root.rglob("*")
-        if p.is_file() and ".cache" not in p.relative_to(root).parts
-    }
 
 
 def test_create_repo_is_idempotent_with_exist_ok(hub: LocalHub, api: HfApi) -> None:

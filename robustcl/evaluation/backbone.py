@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..export_layout import MODEL_TYPE
 from ..recipe import Recipe, load_recipe
 from ..run_dir import CHECKPOINTS, RECIPE_FILE
 
@@ -80,7 +81,7 @@ def _optional_file(reference: str, filename: str, **hub_kwargs) -> str | None:
 
 def _normalisation(reference: str, model_type: str, **hub_kwargs) -> tuple[list[float] | None, list[float] | None]:
     """Mean/std the backbone expects, from its preprocessor config (robustcl encoders normalise internally)."""
-    if model_type == "robustcl-resnet":
+    if model_type == MODEL_TYPE:
         return None, None
     config = _read_json(_optional_file(reference, "preprocessor_config.json", **hub_kwargs))
     if config.get("do_normalize", False) and "image_mean" in config and "image_std" in config:
