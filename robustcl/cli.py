@@ -13,7 +13,7 @@ import typer
 from .errors import UserError
 
 app = typer.Typer(
-    help="Self-supervised adversarial pre-training of robust image encoders (ACL, AdvCL, DeACL).",
+    help="Self-supervised adversarial pre-training of robust image encoders (ACL, AdvCL, DeACL, DynACL; SimCLR).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -208,6 +208,68 @@ def export(
     what = f"{classifier.upper()} classifier" if classifier else "encoder"
     evals = ", ".join(result.evaluations) or "none (run robustcl evaluate RUN_DIR to add measured accuracy)"
     typer.echo(f"robustcl: {what} exported to {result.out_dir} (evaluations: {evals})")
+
+
+@app.command()
+def cluster(
+    recipe: RecipeArg,
+    encoder: Annotated[
+        str,
+        typer.Option(
+            help="Encoder whose features are clustered: a run directory, an export directory or a Hub repo id.",
+            show_default=False,
+        ),
+    ],
+    set_: SetOpt = None,
+    output: Annotated[
+        Path | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="Labels file to write (default: the recipe's method.advcl.pseudo_labels, else "
+            "pseudo_labels.safetensors).",
+            show_default=False,
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="k-means seed (default: the recipe's training.seed).")] = None,
+    normalize: Annotated[bool, typer.Option(help="L2-normalise the features before k-means.")] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per feature-extraction batch.")] = 512,
+    revision: Annotated[str | None, typer.Option(help="Hub revision of the encoder.", show_default=False)] = None,
+    trust_remote_code: Annotated[
+        bool, typer.Option(help="Allow a Hub model's own Python code to run (robustcl models never need it).")
+    ] = False,
+) -> None:
+    """Pseudo-labels for AdvCL: features of the recipe's pretraining images (data section, dataset order) from any
+    encoder, then k-means (k-means++ seeding, fixed seed) on the GPU when there is one, for every K in
+    method.advcl.clusters. Writes one safetensors file that records which images it labels; point the recipe at it
+    with method.advcl.pseudo_labels."""
+    from .data.loading import load_images
+    from .pseudo_labels import LABELS_FILE, compute_pseudo_labels, save_pseudo_labels
+    from .recipe import load_recipe
+
+    loaded = load_recipe(recipe, set_)
+    d = loaded.data
+    data = load_images(
+        d.path,
+        d.split,
+        resolution=d.resolution,
+        name=d.name,
+        image_column=d.image_column,
+        max_samples=d.max_samples,
+    )
+    labels = compute_pseudo_labels(
+        encoder,
+        data.images,
+        loaded.method.advcl.clusters,
+        seed=loaded.training.seed if seed is None else seed,
+        normalize=normalize,
+        batch_size=batch_size,
+        revision=revision,
+        trust_remote_code=trust_remote_code,
+    )
+    path = save_pseudo_labels(output or Path(loaded.method.advcl.pseudo_labels or LABELS_FILE), labels)
+    sizes = ", ".join(f"K={k}: {int(v.bincount().count_nonzero())} clusters" for k, v in labels.labels.items())
+    typer.echo(f"robustcl: pseudo-labels of {len(data.images)} images ({sizes}) written to {path}")
 
 
 @app.command("push-to-hub")

@@ -102,7 +102,7 @@ def _pretraining(facts: CardFacts) -> dict[str, Any] | None:
     attack = (
         f"PGD-{a.steps}, ε {_eps(a.epsilon)}, step {_eps(a.step_size)}, "
         f"{'random' if a.random_start else 'no random'} start, BN in {a.bn_mode} mode"
-        if a.steps > 0 and a.epsilon > 0
+        if a.steps > 0 and a.epsilon > 0 and (facts.method is None or facts.method.adversarial)
         else "none"
     )
     return {
@@ -225,14 +225,21 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
     )
     from . import __version__
 
-    method = {"name": method_name.upper() if method_name else "unknown", "paper": getattr(facts.method, "paper", None)}
+    display = facts.method.display_name if facts.method is not None else (method_name or "unknown").upper()
+    method = {"name": display, "paper": getattr(facts.method, "paper", None)}
+    adversarial = facts.method is None or facts.method.adversarial
+    kind = "robust " if adversarial else ""
     title = f"{facts.repo_id.split('/')[-1]}: " + (
-        f"robust classifier ({facts.classifier_protocol.upper()})" if is_classifier else "robust image encoder"
+        f"{kind}classifier ({facts.classifier_protocol.upper()})" if is_classifier else f"{kind}image encoder"
     )
     summary = (
-        f"An image encoder pretrained with {method['name'] if method_name else 'robustcl'}"
+        f"An image encoder pretrained with {display if method_name else 'robustcl'}"
         + (f" with a linear head finetuned by {facts.classifier_protocol.upper()}" if is_classifier else "")
-        + ", trained self-supervised (without labels) to keep its features stable under adversarial perturbations."
+        + (
+            ", trained self-supervised (without labels) to keep its features stable under adversarial perturbations."
+            if adversarial
+            else ", trained self-supervised (without labels) and without an adversary: a non-robust baseline."
+        )
     )
     classifier = None
     if is_classifier:

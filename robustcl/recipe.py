@@ -46,6 +46,7 @@ class AugmentConfig(Section):
     )
     jitter_p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter")
     grayscale_p: float = Field(0.2, ge=0, le=1, description="probability of converting to grayscale")
+    weak_padding: int = Field(4, ge=0, description="weak view (AdvCL, DeACL): RandomCrop with this zero padding + flip")
 
 
 class DataConfig(Section):
@@ -91,12 +92,89 @@ class ACLOptions(Section):
     projector_dim: int | None = Field(None, gt=0, description="projection width (default: feature dim)")
 
 
+class SimCLROptions(Section):
+    """SimCLR (Chen et al., ICML 2020): the non-robust baseline and DeACL's teacher stage."""
+
+    projector_hidden_dim: int = Field(2048, gt=0, description="projector hidden width (solo-learn CIFAR: 2048)")
+    projector_dim: int = Field(256, gt=0, description="projector output width (solo-learn CIFAR: 256)")
+
+
+class AdvCLOptions(Section):
+    """AdvCL (Fan et al., NeurIPS 2021): four-view contrastive loss + pseudo-label heads on a second attack."""
+
+    pseudo_labels: str | None = Field(
+        None,
+        description="labels file written by robustcl cluster; default: computed at the start of pretrain from "
+        "cluster_encoder into RUN_DIR/pseudo_labels.safetensors",
+    )
+    cluster_encoder: str | None = Field(
+        None, description="encoder whose features are clustered when pseudo_labels is not given (run, export, Hub id)"
+    )
+    clusters: list[int] = Field([2, 10, 50, 100, 500], description="K of each pseudo-label head (one k-means per K)")
+    ce_weight: float = Field(0.2, ge=0, description="weight of the mean pseudo-label cross-entropy")
+    high_frequency_radius: float = Field(8, gt=0, description="FFT radius below which the high-frequency view is 0")
+    temperature_scale: float = Field(
+        0.5 / 0.07,
+        gt=0,
+        description="loss multiplier; authors' code: temperature/base_temperature = 0.5/0.07 (quirk), clean: 1.0",
+    )
+    projector_dim: int = Field(128, gt=0, description="projection output width (512 → 512 → BN → ReLU → 128)")
+
+
+class DeACLOptions(Section):
+    """DeACL (Zhang et al., ECCV 2022) stage 2: adversarial distillation of a student from a frozen teacher."""
+
+    teacher: str = Field(
+        "runs/simclr", description="stage-1 encoder: a robustcl run directory, an export folder or a Hub id"
+    )
+    teacher_revision: str | None = Field(None, description="Hub revision of the teacher")
+    student_init: Literal["teacher", "random"] = Field(
+        "teacher", description="teacher: the student starts as a copy of the teacher (needs the same model.*)"
+    )
+    adversarial_weight: float = Field(2.0, ge=0, description="λ in −cos(s, t) − λ·cos(s_adv, s) (trades_k)")
+
+
+class DynACLOptions(Section):
+    """DynACL (Luo et al., ICLR 2023): ACL-DS with annealed augmentation and a growing adversarial weight."""
+
+    reload_every_epochs: float = Field(
+        50, gt=0, description="augmentation strength steps down every N epochs: 1 − ⌊e/N⌋·N/E (ends at 0.05)"
+    )
+    adversarial_weight_slope: float = Field(
+        2 / 3,
+        ge=0,
+        description="adversarial weight w = min(1 + ⌊(e+1)/N⌋·(N/E)·slope, 2); loss = ½[(2−w)·clean + w·adv]",
+    )
+    momentum: float | None = Field(
+        0.99,
+        ge=0,
+        lt=1,
+        description="authors' code: the second view goes through an EMA copy of encoder and head with this "
+        "momentum (quirk); null: both views through the same encoder, as in the paper",
+    )
+
+
 class MethodConfig(Section):
     """Which self-supervised method trains the encoder; each method reads its own sub-section."""
 
-    name: Literal["acl"] = Field("acl", description="method to run (registry in robustcl/methods)")
+    name: Literal["acl", "simclr", "advcl", "deacl", "dynacl"] = Field(
+        "acl", description="method to run (registry in robustcl/methods)"
+    )
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature")
     acl: ACLOptions = Field(default_factory=ACLOptions)
+    simclr: SimCLROptions = Field(default_factory=SimCLROptions)
+    advcl: AdvCLOptions = Field(default_factory=AdvCLOptions)
+    deacl: DeACLOptions = Field(default_factory=DeACLOptions)
+    dynacl: DynACLOptions = Field(default_factory=DynACLOptions)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MethodConfig:
+        if self.name == "dynacl" and self.acl.variant != "ds":
+            raise ValueError("DynACL is dual-stream: method.acl.variant must be 'ds' with method.name dynacl")
+        clusters = self.advcl.clusters
+        if not clusters or min(clusters) < 2 or len(set(clusters)) != len(clusters):
+            raise ValueError(f"method.advcl.clusters must be distinct numbers of clusters ≥ 2, got {clusters}")
+        return self
 
 
 class AttackConfig(Section):

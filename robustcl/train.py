@@ -21,7 +21,7 @@ from .data.loading import load_images
 from .distributed import check_world_size
 from .errors import UserError
 from .export import export_run
-from .methods import build_method
+from .methods import TrainingRun, build_method
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, recipe_differences
 from .run_dir import RECIPE_FILE, latest_checkpoint, load_checkpoint, read_run_recipe, save_checkpoint
@@ -140,7 +140,13 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     images = data.images.to(accelerator.device)
 
     method = build_method(recipe)
-    optimizer = build_optimizer(method.parameters(), recipe.optimizer)
+    # Before the checkpoint is restored and before DDP wraps the method: a teacher or pseudo-labels come from
+    # outside the weights (a DeACL student starts as its teacher; a restored checkpoint then overrides that).
+    method.setup(
+        TrainingRun(run_dir, data.images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator)
+    )
+    # Frozen parameters (DynACL's moving-average encoder) are updated by the method itself, not the optimizer.
+    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], recipe.optimizer)
     scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, batches.steps_per_epoch, recipe.optimizer.lr)
     model, optimizer = accelerator.prepare(method, optimizer)
     # The scheduler is not passed to prepare(): we step it once per optimizer step (Accelerate's wrapper would
@@ -175,11 +181,12 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     model.train()
     while step < total_steps:
         for micro in range(t.grad_accum_steps):
-            batch = images.index_select(0, batches.indices(step, micro).to(images.device))
+            indices = batches.indices(step, micro).to(images.device)
+            batch = images.index_select(0, indices)
             generator = step_generator(t.seed, step, micro, accelerator.process_index, accelerator.device)
             sync = micro == t.grad_accum_steps - 1
             with nullcontext() if sync else accelerator.no_sync(model):
-                loss, metrics = model(batch, generator)
+                loss, metrics = model(batch, generator, indices, step)
                 accelerator.backward(loss / t.grad_accum_steps)
             for name, value in {"loss": loss.detach(), **metrics}.items():
                 window_loss[name] = window_loss.get(name, 0) + value.float() / t.grad_accum_steps

@@ -43,3 +43,42 @@ def test_nt_xent_is_lower_for_aligned_views():
     torch.manual_seed(2)
     z = torch.randn(16, 32)
     assert nt_xent(z, z + 0.01 * torch.randn_like(z)) < nt_xent(z, torch.randn_like(z))
+
+
+def _supcon_loop(views, t, scale):
+    """SupCon without labels, written out anchor by anchor (the definition in Khosla et al. / AdvCL's code)."""
+    n, v = views[0].shape[0], len(views)
+    z = F.normalize(torch.cat(views), dim=1)
+    total = 0.0
+    for i in range(v * n):
+        denom = sum(math.exp(float(z[i] @ z[k]) / t) for k in range(v * n) if k != i)
+        positives = [k for k in range(v * n) if k != i and k % n == i % n]
+        total += -scale * sum(math.log(math.exp(float(z[i] @ z[p]) / t) / denom) for p in positives) / len(positives)
+    return total / (v * n)
+
+
+def test_multi_positive_nt_xent_matches_anchor_by_anchor_supcon():
+    from robustcl.losses import multi_positive_nt_xent
+
+    torch.manual_seed(3)
+    views = [torch.randn(4, 6) for _ in range(4)]  # AdvCL: adversarial, two augmented, high-frequency
+    expected = _supcon_loop(views, 0.5, 0.5 / 0.07)
+    assert torch.isclose(multi_positive_nt_xent(views, 0.5, 0.5 / 0.07), torch.tensor(expected), rtol=1e-5)
+
+
+def test_multi_positive_nt_xent_with_two_views_is_nt_xent():
+    from robustcl.losses import multi_positive_nt_xent
+
+    torch.manual_seed(4)
+    z1, z2 = torch.randn(6, 5), torch.randn(6, 5)
+    assert torch.isclose(multi_positive_nt_xent([z1, z2], 0.2), torch.tensor(_supcon_loop([z1, z2], 0.2, 1.0)))
+
+
+def test_distillation_loss_hand_computed():
+    from robustcl.losses import distillation_loss
+
+    student = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    teacher = torch.tensor([[1.0, 1.0], [0.0, 1.0]])  # cosines with the student: 1/√2 and 1
+    student_adv = torch.tensor([[0.0, 1.0], [0.0, 5.0]])  # cosines with the student: 0 and 1
+    expected = -(1 / math.sqrt(2) + 1) / 2 - 2.0 * (0 + 1) / 2
+    assert math.isclose(float(distillation_loss(student, teacher, student_adv, 2.0)), expected, rel_tol=1e-6)

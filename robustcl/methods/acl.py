@@ -10,31 +10,15 @@ from __future__ import annotations
 
 import torch
 
-from ..attacks import module_mode, pgd_attack
-from ..data.augment import SimCLRAugment, SimCLRAugmentParams
 from ..losses import nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..recipe import Recipe
 from .base import Method, Paper, encoder_config
-
-
-def simclr_augment(recipe: Recipe) -> SimCLRAugment:
-    a = recipe.augment
-    return SimCLRAugment(
-        SimCLRAugmentParams(
-            size=recipe.data.resolution,
-            crop_scale=tuple(a.crop_scale),
-            crop_ratio=tuple(a.crop_ratio),
-            interpolation=a.interpolation,
-            flip_p=a.flip_p,
-            jitter=tuple(a.jitter),
-            jitter_p=a.jitter_p,
-            grayscale_p=a.grayscale_p,
-        )
-    )
+from .views import simclr_augment
 
 
 class ACL(Method):
+    display_name = "ACL"
     paper = Paper(
         title="Robust Pre-Training by Adversarial Contrastive Learning",
         authors="Jiang et al.",
@@ -54,7 +38,6 @@ class ACL(Method):
         self.projector = ProjectionHead(dim, proj, proj, num_layers=opts.projector_layers, bn_branches=self.bn_branches)
         self.augment = simclr_augment(recipe)
         self.temperature = recipe.method.temperature
-        self.attack = recipe.attack
 
     def describe(self) -> str:
         t = f"temperature {self.temperature:g}"
@@ -72,28 +55,19 @@ class ACL(Method):
         z1, z2 = self.embed(x, branch).chunk(2)
         return nt_xent(z1, z2, self.temperature)
 
-    def _attack(self, loss_fn, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        a = self.attack
-        with module_mode(self, train=a.bn_mode == "train"):
-            return pgd_attack(
-                loss_fn,
-                x,
-                epsilon=a.epsilon,
-                step_size=a.step_size,
-                steps=a.steps,
-                random_start=a.random_start,
-                generator=generator,
-            )
+    def views(self, images: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
+        """Two SimCLR views of every image, stacked [view1; view2]."""
+        return torch.cat([self.augment(images, generator), self.augment(images, generator)])
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator):  # type: ignore[override]
-        views = torch.cat([self.augment(images, generator), self.augment(images, generator)])
+    def forward(self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int):  # type: ignore[override]
+        views = self.views(images, generator, step)
         branch = self.adv_branch
         if self.variant == "a2s":
             view1, clean2 = views.chunk(2)
-            adv1 = self._attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch), view1, generator)
+            adv1 = self.attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch), view1, generator)
             loss = self.pair_loss(torch.cat([adv1, clean2]), branch)
             return loss, {"loss_adv": loss.detach()}
-        adv = self._attack(lambda x: self.pair_loss(x, branch), views, generator)
+        adv = self.attack(lambda x: self.pair_loss(x, branch), views, generator)
         loss_adv = self.pair_loss(adv, branch)
         if self.variant == "a2a":
             return loss_adv, {"loss_adv": loss_adv.detach()}

@@ -1,15 +1,22 @@
-"""What every method shares: the encoder built from the recipe and the interface the trainer calls."""
+"""What every method shares: the encoder built from the recipe, the training attack, and the interface the trainer
+calls."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import ClassVar
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import nn
 
+from ..attacks import module_mode, pgd_attack
 from ..models import RobustCLResNetConfig, RobustCLResNetModel
 from ..recipe import ModelConfig, Recipe
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 
 def encoder_config(cfg: ModelConfig, bn_branches: list[str]) -> RobustCLResNetConfig:
@@ -34,30 +41,88 @@ class Paper:
     url: str
 
 
-class Method(nn.Module):
-    """A self-supervised method: owns its encoder, heads and views; the trainer only calls ``forward``.
+@dataclass
+class TrainingRun:
+    """What a method may need beyond its weights before the first step: schedules (step counts), the dataset
+    (pseudo-labels are checked against it) and the run directory (for files a stage computes)."""
 
-    ``forward(images, generator)`` takes a uint8 batch [N, C, H, W] on the device and the micro-batch's random
-    generator, builds the method's views and attacks, and returns ``(loss, metrics)`` where metrics are detached
-    scalar tensors (no host syncs in the step).
+    run_dir: Path
+    images: torch.Tensor  # uint8 [N, 3, R, R], the whole pretraining split in dataset order
+    steps_per_epoch: int
+    total_steps: int
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    accelerator: Accelerator | None = None  # None in single-process use (tests, scripts)
+
+    @property
+    def total_epochs(self) -> float:
+        return self.total_steps / self.steps_per_epoch
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def is_main_process(self) -> bool:
+        return self.accelerator is None or self.accelerator.is_main_process
+
+    def wait_for_everyone(self) -> None:
+        if self.accelerator is not None:
+            self.accelerator.wait_for_everyone()
+
+
+class Method(nn.Module):
+    """A self-supervised method: owns its encoder, heads and views; the trainer only calls ``setup`` and
+    ``forward``.
+
+    ``setup(run)`` runs once before training (and before a checkpoint is restored): it loads what the method needs
+    from outside its weights (a teacher, pseudo-labels) and reads the schedule lengths.
+
+    ``forward(images, generator, indices, step)`` takes a uint8 batch [N, C, H, W] on the device, the micro-batch's
+    random generator, the images' dataset indices and the 0-based optimizer step; it builds the method's views and
+    attacks, and returns ``(loss, metrics)`` where metrics are detached scalar tensors (no host syncs in the step).
     """
 
     encoder: RobustCLResNetModel
     bn_branches: list[str]
     paper: ClassVar[Paper | None] = None
+    display_name: ClassVar[str]  # as the paper spells it (model cards)
+    adversarial: ClassVar[bool] = True  # trained against an adversary (False: a non-robust baseline)
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
+        self.run: TrainingRun | None = None
+
+    def setup(self, run: TrainingRun) -> None:
+        self.run = run
 
     def forward(  # type: ignore[override]
-        self, images: torch.Tensor, generator: torch.Generator
+        self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def describe(self) -> str:
         """The training objective in one line (model cards)."""
         raise NotImplementedError
+
+    def attack(
+        self,
+        loss_fn: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        generator: torch.Generator,
+        module: nn.Module | None = None,
+    ) -> torch.Tensor:
+        """PGD on ``loss_fn`` around ``x`` with the recipe's attack, ``module`` (default: the whole method) in the
+        recipe's BN mode (attack.bn_mode) for the duration of the attack."""
+        a = self.recipe.attack
+        with module_mode(module if module is not None else self, train=a.bn_mode == "train"):
+            return pgd_attack(
+                loss_fn,
+                x,
+                epsilon=a.epsilon,
+                step_size=a.step_size,
+                steps=a.steps,
+                random_start=a.random_start,
+                generator=generator,
+            )
 
     @property
     def export_branch(self) -> str | None:

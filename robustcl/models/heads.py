@@ -13,7 +13,8 @@ from .resnet import make_batch_norm, resolve_bn_branch, set_bn_branch
 class ProjectionHead(nn.Module):
     """MLP projection head as in ACL: ``fc1(bias) → BN → ReLU → … → fcN(no bias) [→ BN]``.
 
-    Only ``fc1`` has a bias; the others feed a BatchNorm, which makes a bias redundant.
+    Only ``fc1`` has a bias; the others feed a BatchNorm, which makes a bias redundant. Without the last BN
+    (SimCLR, AdvCL) ``last_bias`` gives the last linear layer its bias back.
     Layers are named ``fc{i}``/``bn{i}`` to match ACL checkpoints. With ``bn_branches`` every
     BN is a MultiBatchNorm1d and ``forward`` picks the branch per call.
     """
@@ -26,6 +27,7 @@ class ProjectionHead(nn.Module):
         num_layers: int = 3,
         bn_branches: Sequence[str] = (),
         last_bn: bool = True,
+        last_bias: bool = False,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -40,8 +42,8 @@ class ProjectionHead(nn.Module):
         self.bn_branches = list(bn_branches)
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         for i in range(num_layers):
-            setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1], bias=i == 0))
             is_last = i == num_layers - 1
+            setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1], bias=i == 0 or (is_last and last_bias)))
             if not is_last or last_bn:
                 setattr(self, f"bn{i + 1}", make_batch_norm(dims[i + 1], self.bn_branches, dim=1))
         self.relu = nn.ReLU(inplace=False)

@@ -1,0 +1,115 @@
+"""Every method on real CIFAR-10 with the same small encoder and the same pretraining budget, then the same SLF
+evaluation: which of them buys robustness, and at what cost?
+
+  simclr  recipes/simclr.yaml  (no adversary: the baseline every adversarial method must beat on RA)
+  acl     recipes/acl.yaml     (ACL-DS)
+  dynacl  recipes/dynacl.yaml  (its 20 augmentation / weight stages squeezed into the short run)
+  advcl   recipes/advcl.yaml   (pseudo-labels: k-means on the simclr run's features, computed by the run itself)
+  deacl   recipes/deacl.yaml   (stage 2, teacher: the simclr run; its cost excludes the teacher's)
+
+Each recipe keeps its own method, views, attack, normalisation and optimiser; all share the encoder (a ResNet with
+one basic block per stage, widths 16–128), the budget (--steps optimizer steps of 128 images) and a warm-up of
+0.1 epochs. Each is then evaluated with `robustcl evaluate RUN --protocol slf --attack-subset N`: a linear head on
+frozen features of the 45,000 training images (5,000 held out to pick the epoch), clean accuracy (SA) on the
+10,000 test images and PGD-20 accuracy (RA; ε 8/255, step 2/255, random start) on the first N of them.
+
+Usage:  python benchmarks/cifar10_methods.py [--data ../shared/datasets/cifar10] [--runs runs/cifar10_methods]
+        [--steps 300] [--attack-subset 1000] [--only simclr,acl,...]
+        [--out benchmarks/results/cifar10_methods.json]
+A run directory that already holds a summary and an SLF eval.json is reported as it is (nothing is re-run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+BATCH = 128
+COMMON = [
+    "model.block_layers=[1,1,1,1]",
+    "model.widths=[16,32,64,128]",
+    f"training.batch_size={BATCH}",
+    "schedule.warmup_epochs=0.1",
+    "training.checkpoint_every=100",
+    "logging.every_steps=20",
+]
+METHODS = ["simclr", "acl", "dynacl", "advcl", "deacl"]  # simclr first: advcl and deacl build on it
+
+
+def _run(cmd: list[str]) -> None:
+    print("$", " ".join(cmd), flush=True)
+    subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], cwd=REPO, check=True)
+
+
+def _extra(name: str, runs: Path, steps: int, train_images: int) -> list[str]:
+    if name == "dynacl":  # the paper's 20 stages (1000 epochs / 50) over this run's length
+        return [f"method.dynacl.reload_every_epochs={steps * BATCH / train_images / 20:.6g}"]
+    if name == "advcl":
+        return [f"method.advcl.cluster_encoder={runs / 'simclr'}"]
+    if name == "deacl":
+        return [f"method.deacl.teacher={runs / 'simclr'}"]
+    return []
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # Relative paths are relative to the repository root (the commands run there).
+    parser.add_argument("--data", default="../shared/datasets/cifar10")
+    parser.add_argument("--runs", type=Path, default=Path("runs/cifar10_methods"))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--attack-subset", type=int, default=1000)
+    parser.add_argument("--only", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
+    parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cifar10_methods.json")
+    args = parser.parse_args()
+    chosen = [m for m in METHODS if m in args.only.split(",")]
+    results = {}
+    for name in chosen:
+        run_dir = args.runs / name
+        files = REPO / run_dir
+        sets = [f"data.path={args.data}", f"training.max_steps={args.steps}", *COMMON]
+        sets += _extra(name, args.runs, args.steps, 50_000)
+        pretrain = ["robustcl", "pretrain", f"recipes/{name}.yaml", *[a for s in sets for a in ("--set", s)]]
+        evaluate = ["robustcl", "evaluate", str(run_dir), "--protocol", "slf", "--attack-subset",
+                    str(args.attack_subset)]  # fmt: skip
+        if not ((files / "summary.json").is_file() and (files / "eval" / "slf" / "eval.json").is_file()):
+            _run([*pretrain, "--output-dir", str(run_dir)])
+            _run(evaluate)
+        summary = json.loads((files / "summary.json").read_text())
+        report = json.loads((files / "eval" / "slf" / "eval.json").read_text())
+        results[name] = {
+            "pretrain_command": " ".join(pretrain),
+            "evaluate_command": " ".join(evaluate),
+            "steps": summary["steps"],
+            "images_seen": summary["images_seen"],
+            "SA": report["SA"],
+            "SA_attacked_subset": report["SA_attacked_subset"],
+            "RA": report["RA"],
+            "curve": {f"{p['epsilon'] * 255:g}/255": p["accuracy"] for p in report["curve"]},
+            "split_sizes": report["split_sizes"],
+            "selected_epoch": report["finetune"]["selected_epoch"],
+            "pretrain_wall_time_s": round(summary["wall_time_s"], 1),
+            "eval_wall_time_s": round(report["wall_time_s"], 1),
+        }
+    out = {
+        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
+        "torch": torch.__version__,
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    for name, r in results.items():
+        print(
+            f"{name:8s} SA {100 * r['SA']:5.1f}%  RA (PGD-20) {100 * r['RA']:5.1f}%  "
+            f"pretraining {r['pretrain_wall_time_s'] / 60:5.1f} min"
+        )
+
+
+if __name__ == "__main__":
+    main()

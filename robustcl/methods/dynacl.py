@@ -1,0 +1,107 @@
+"""DynACL — Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning (Luo et al., ICLR 2023).
+
+ACL-DS with two schedules over training (E epochs, stages of N = ``reload_every_epochs``):
+
+- augmentation strength s = 1 − ⌊e/N⌋·N/E at epoch e (1 → 0.05 for N = 50, E = 1000): crop area from
+  1 − 0.9·s, jitter strengths and probabilities × s (the authors reload their data loader every N epochs);
+- adversarial weight w = min(1 + ⌊(e+1)/N⌋·(N/E)·slope, 2) (1 → 1.67), L = ½[(2 − w)·clean + w·adv]. The +1 is
+  the authors' 1-based epoch count, so w rises one epoch before s falls (the lead is capped at one stage when N < 1).
+
+Quirk (``method.dynacl.momentum``, default 0.99 as in the authors' code): the second view of every pair goes
+through an exponential-moving-average copy of the encoder and projector (updated after each step's forward, no
+gradient); ``null`` sends both views through the one encoder as the paper describes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+
+from ..data.augment import SimCLRAugment
+from ..losses import nt_xent
+from ..recipe import Recipe
+from .acl import ACL
+from .base import Paper
+from .views import simclr_augment
+
+
+class DynACL(ACL):
+    display_name = "DynACL"
+    paper = Paper(
+        title="Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning",
+        authors="Luo et al.",
+        venue="ICLR 2023",
+        url="https://arxiv.org/abs/2303.01289",
+    )
+
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe)
+        opts = recipe.method.dynacl
+        self.stage_epochs = opts.reload_every_epochs
+        self.slope = opts.adversarial_weight_slope
+        self.momentum = opts.momentum
+        if self.momentum is not None:
+            self.momentum_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
+            self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self._augments: dict[float, SimCLRAugment] = {}
+        self._momentum_step: int | None = None
+
+    def describe(self) -> str:
+        return (
+            "DynACL: ½ [(2 − w)·NT-Xent(clean pair, 'normal' BN) + w·NT-Xent(PGD pair, 'pgd' BN)] with the "
+            f"augmentation annealed and w raised every {self.stage_epochs:g} epochs, temperature {self.temperature:g}"
+        )
+
+    def _epochs(self, step: int) -> tuple[float, float]:
+        if self.run is None:
+            raise RuntimeError("DynACL.setup(run) must be called before training (the schedules need its length)")
+        return step / self.run.steps_per_epoch, self.run.total_epochs
+
+    def strength(self, step: int) -> float:
+        epoch, total = self._epochs(step)
+        return max(0.0, 1 - math.floor(epoch / self.stage_epochs) * self.stage_epochs / total)
+
+    def adversarial_weight(self, step: int) -> float:
+        epoch, total = self._epochs(step)
+        lead = min(1.0, self.stage_epochs)
+        return min(1 + math.floor((epoch + lead) / self.stage_epochs) * (self.stage_epochs / total) * self.slope, 2.0)
+
+    def views(self, images: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
+        s = self.strength(step)
+        if s not in self._augments:
+            self._augments[s] = simclr_augment(self.recipe, strength=s)
+        augment = self._augments[s]
+        return torch.cat([augment(images, generator), augment(images, generator)])
+
+    def pair_loss(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        if self.momentum is None:
+            return super().pair_loss(x, branch)
+        x1, x2 = x.chunk(2)
+        z1 = self.embed(x1, branch)
+        z2 = self.momentum_projector(self.momentum_encoder(x2, bn_branch=branch).pooler_output, bn_branch=branch)
+        return nt_xent(z1, z2, self.temperature)
+
+    @torch.no_grad()
+    def _update_momentum(self) -> None:
+        for online, ema in ((self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)):
+            for p, q in zip(online.parameters(), ema.parameters()):
+                q.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
+
+    def forward(self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int):  # type: ignore[override]
+        views = self.views(images, generator, step)
+        adv = self.attack(lambda x: self.pair_loss(x, "pgd"), views, generator)
+        loss_adv = self.pair_loss(adv, "pgd")
+        loss_clean = self.pair_loss(views, "normal")
+        if self.momentum is not None and self._momentum_step != step:
+            # After the forward, before the optimizer step, as the authors' code; once per optimizer step when
+            # gradients are accumulated over micro-batches.
+            self._update_momentum()
+            self._momentum_step = step
+        w = self.adversarial_weight(step)
+        loss = 0.5 * ((2 - w) * loss_clean + w * loss_adv)
+        metrics = {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}
+        metrics["adv_weight"] = torch.tensor(w, device=loss.device)
+        metrics["strength"] = torch.tensor(self.strength(step), device=loss.device)
+        return loss, metrics

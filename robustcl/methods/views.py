@@ -1,0 +1,34 @@
+"""The views methods build from the recipe's augment section: SimCLR views (optionally weakened) and weak views."""
+
+from __future__ import annotations
+
+from ..data.augment import SimCLRAugment, SimCLRAugmentParams, WeakAugment, WeakAugmentParams
+from ..recipe import Recipe
+
+
+def simclr_augment(recipe: Recipe, strength: float = 1.0) -> SimCLRAugment:
+    """The recipe's SimCLR views; ``strength`` < 1 weakens them as DynACL does: the crop's lower area bound moves
+    towards 1 (1 − (1 − low)·s), jitter strengths and the jitter / grayscale probabilities scale by s."""
+    a = recipe.augment
+    low, high = a.crop_scale
+    return SimCLRAugment(
+        SimCLRAugmentParams(
+            size=recipe.data.resolution,
+            crop_scale=(low if strength == 1 else 1 - (1 - low) * strength, high),
+            crop_ratio=tuple(a.crop_ratio),
+            interpolation=a.interpolation,
+            flip_p=a.flip_p,
+            jitter=tuple(v * strength for v in a.jitter),
+            jitter_p=a.jitter_p * strength,
+            grayscale_p=a.grayscale_p * strength,
+        )
+    )
+
+
+def weak_augment(recipe: Recipe) -> WeakAugment:
+    """RandomCrop(resolution, padding=augment.weak_padding) + horizontal flip (augment.flip_p)."""
+    return WeakAugment(
+        WeakAugmentParams(
+            size=recipe.data.resolution, padding=recipe.augment.weak_padding, flip_p=recipe.augment.flip_p
+        )
+    )

@@ -1,0 +1,138 @@
+"""Pseudo-labels for AdvCL: features of the pretraining images from any encoder, k-means per K, one file.
+
+The file (safetensors) holds ``k{K}`` int64 [N] for each K, and metadata: the SHA-256 of the decoded uint8
+images they were computed on (so a label file cannot silently be used with another dataset, split, order or
+resolution), the encoder reference, the seed and whether features were L2-normalised.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import UserError
+from .kmeans import kmeans
+
+LABELS_FILE = "pseudo_labels.safetensors"
+
+
+def images_fingerprint(images: torch.Tensor) -> str:
+    """SHA-256 of a uint8 image tensor's bytes together with its shape."""
+    digest = hashlib.sha256(json.dumps(list(images.shape)).encode())
+    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def extract_features(
+    encoder: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512, progress: bool = True
+) -> torch.Tensor:
+    """Pooled features [N, D] (float32, on ``device``) of uint8 images [N, 3, H, W], encoder in eval mode."""
+    encoder = encoder.to(device).eval()
+    chunks = []
+    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
+        batch = images[start : start + batch_size].to(device).float() / 255
+        chunks.append(encoder(batch).float())
+    return torch.cat(chunks)
+
+
+@dataclass
+class PseudoLabels:
+    labels: dict[int, torch.Tensor]  # K → int64 [N]
+    fingerprint: str
+    encoder: str
+    seed: int
+    normalized: bool
+
+
+def compute_pseudo_labels(
+    encoder_reference: str,
+    images: torch.Tensor,
+    clusters: Sequence[int],
+    *,
+    seed: int = 0,
+    normalize: bool = True,
+    device: torch.device | None = None,
+    batch_size: int = 512,
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    progress: bool = True,
+) -> PseudoLabels:
+    """Cluster ``images`` (uint8, dataset order) by the features of ``encoder_reference`` for every K."""
+    from .evaluation.backbone import load_model
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load_model(encoder_reference, revision=revision, trust_remote_code=trust_remote_code)
+    features = extract_features(loaded.encoder, images, device, batch_size, progress)
+    if normalize:
+        features = torch.nn.functional.normalize(features, dim=1)
+    labels = {}
+    for k in tqdm(list(clusters), desc="k-means", unit="K", disable=not progress):
+        if k > len(images):
+            raise UserError(f"cannot form {k} clusters from {len(images)} images", "method.advcl.clusters")
+        labels[int(k)] = kmeans(features, int(k), seed=seed).labels.cpu()
+    return PseudoLabels(labels, images_fingerprint(images), str(encoder_reference), seed, normalize)
+
+
+def save_pseudo_labels(path: Path, result: PseudoLabels) -> Path:
+    """Write atomically (a temporary file renamed into place)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    metadata = {
+        "images_sha256": result.fingerprint,
+        "encoder": result.encoder,
+        "seed": str(result.seed),
+        "normalized": str(result.normalized).lower(),
+    }
+    save_file({f"k{k}": v.contiguous() for k, v in result.labels.items()}, str(tmp), metadata=metadata)
+    tmp.replace(path)
+    return path
+
+
+def load_pseudo_labels(path: Path, clusters: Sequence[int], images: torch.Tensor) -> torch.Tensor:
+    """Labels [len(clusters), N] for these exact images, or a UserError that says what does not match."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(
+            "pseudo-label file not found",
+            str(path),
+            "write it with robustcl cluster RECIPE --encoder MODEL, or unset method.advcl.pseudo_labels and set "
+            "method.advcl.cluster_encoder to compute them at the start of pretraining",
+        )
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            available = set(f.keys())
+            missing = [k for k in clusters if f"k{k}" not in available]
+            if missing:
+                have = sorted(int(k[1:]) for k in available if k.startswith("k") and k[1:].isdigit())
+                raise UserError(
+                    f"pseudo-label file has no labels for K = {missing} (it has {have})",
+                    str(path),
+                    "re-run robustcl cluster with the recipe's method.advcl.clusters",
+                )
+            stacked = torch.stack([f.get_tensor(f"k{k}").long() for k in clusters])
+    except (OSError, ValueError, RuntimeError):  # safetensors raises these on a damaged file
+        raise UserError("cannot read the pseudo-label file", str(path), "re-create it with robustcl cluster") from None
+    if stacked.shape[1] != len(images) or metadata.get("images_sha256") != images_fingerprint(images):
+        raise UserError(
+            f"pseudo-labels were computed on other images ({stacked.shape[1]} labels, {len(images)} images, or the "
+            "same count in another order / resolution)",
+            str(path),
+            "re-run robustcl cluster with this recipe's data section",
+        )
+    for k, row in zip(clusters, stacked):
+        if int(row.min()) < 0 or int(row.max()) >= k:
+            raise UserError(f"pseudo-labels for K = {k} are outside 0..{k - 1}", str(path), "re-create the file")
+    return stacked
