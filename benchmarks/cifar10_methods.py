@@ -22,15 +22,10 @@ A run directory that already holds a summary and an SLF eval.json is reported as
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import subprocess
-import sys
 from pathlib import Path
 
-import torch
+from slf_runs import REPO, pretrain_and_evaluate, write_results
 
-REPO = Path(__file__).resolve().parents[1]
 BATCH = 128
 COMMON = [
     "model.block_layers=[1,1,1,1]",
@@ -41,11 +36,6 @@ COMMON = [
     "logging.every_steps=20",
 ]
 METHODS = ["simclr", "acl", "dynacl", "advcl", "deacl"]  # simclr first: advcl and deacl build on it
-
-
-def _run(cmd: list[str]) -> None:
-    print("$", " ".join(cmd), flush=True)
-    subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], cwd=REPO, check=True)
 
 
 def _extra(name: str, runs: Path, steps: int, train_images: int) -> list[str]:
@@ -72,38 +62,11 @@ def main() -> None:
     results = {}
     for name in chosen:
         run_dir = args.runs / name
-        files = REPO / run_dir
         sets = [f"data.path={args.data}", f"training.max_steps={args.steps}", *COMMON]
         sets += _extra(name, args.runs, args.steps, 50_000)
         pretrain = ["robustcl", "pretrain", f"recipes/{name}.yaml", *[a for s in sets for a in ("--set", s)]]
-        evaluate = ["robustcl", "evaluate", str(run_dir), "--protocol", "slf", "--attack-subset",
-                    str(args.attack_subset)]  # fmt: skip
-        if not ((files / "summary.json").is_file() and (files / "eval" / "slf" / "eval.json").is_file()):
-            _run([*pretrain, "--output-dir", str(run_dir)])
-            _run(evaluate)
-        summary = json.loads((files / "summary.json").read_text())
-        report = json.loads((files / "eval" / "slf" / "eval.json").read_text())
-        results[name] = {
-            "pretrain_command": " ".join(pretrain),
-            "evaluate_command": " ".join(evaluate),
-            "steps": summary["steps"],
-            "images_seen": summary["images_seen"],
-            "SA": report["SA"],
-            "SA_attacked_subset": report["SA_attacked_subset"],
-            "RA": report["RA"],
-            "curve": {f"{p['epsilon'] * 255:g}/255": p["accuracy"] for p in report["curve"]},
-            "split_sizes": report["split_sizes"],
-            "selected_epoch": report["finetune"]["selected_epoch"],
-            "pretrain_wall_time_s": round(summary["wall_time_s"], 1),
-            "eval_wall_time_s": round(report["wall_time_s"], 1),
-        }
-    out = {
-        "machine": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, CPU",
-        "torch": torch.__version__,
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+        results[name] = pretrain_and_evaluate(pretrain, run_dir, args.attack_subset)
+    write_results(args.out, results)
     for name, r in results.items():
         print(
             f"{name:8s} SA {100 * r['SA']:5.1f}%  RA (PGD-20) {100 * r['RA']:5.1f}%  "

@@ -81,3 +81,32 @@ def test_resolved_yaml_round_trips_and_differences_ignore_training_length(tmp_pa
     assert recipe_differences(r, longer) == []
     other = load_recipe(RECIPES / "acl.yaml", ["optimizer.lr=1.0", "training.seed=4"])
     assert recipe_differences(r, other) == ["optimizer.lr", "training.seed"]
+
+
+def test_method_recipes_carry_the_papers_settings_and_quirks():
+    advcl = load_recipe(RECIPES / "advcl.yaml")
+    assert advcl.method.advcl.clusters == [2, 10, 50, 100, 500] and advcl.method.advcl.ce_weight == 0.2
+    assert abs(advcl.method.advcl.temperature_scale - 0.5 / 0.07) < 1e-9 and advcl.attack.bn_mode == "train"
+    assert advcl.model.image_mean == [0, 0, 0] and advcl.augment.crop_scale == (0.2, 1.0)
+    assert (advcl.optimizer.name, advcl.optimizer.lr, advcl.optimizer.weight_decay) == ("sgd", 0.5, 1e-4)
+    simclr, deacl = load_recipe(RECIPES / "simclr.yaml"), load_recipe(RECIPES / "deacl.yaml")
+    assert simclr.model == deacl.model and deacl.model.stem_padding == 2  # the student is a copy of the teacher
+    assert simclr.augment.jitter == (0.8, 0.8, 0.8, 0.2) and simclr.method.temperature == 0.2
+    assert deacl.method.deacl.teacher == "runs/simclr" and deacl.method.deacl.adversarial_weight == 2.0
+    assert (deacl.training.epochs, deacl.training.batch_size, deacl.optimizer.weight_decay) == (100, 256, 5e-4)
+    dynacl = load_recipe(RECIPES / "dynacl.yaml")
+    assert dynacl.method.dynacl.reload_every_epochs == 50 and dynacl.method.dynacl.momentum == 0.99
+
+
+def test_method_options_are_checked_and_documented(tmp_path):
+    with pytest.raises(UserError, match="DynACL is dual-stream"):
+        load_recipe(RECIPES / "dynacl.yaml", ["method.acl.variant=a2a"])
+    with pytest.raises(UserError, match="distinct numbers of clusters"):
+        load_recipe(RECIPES / "advcl.yaml", ["method.advcl.clusters=[10,10]"])
+    from robustcl.recipe import describe_keys
+
+    described = describe_keys()
+    for key in ["method.simclr.projector_dim", "method.advcl.temperature_scale", "method.advcl.cluster_encoder",
+                "method.deacl.teacher", "method.dynacl.momentum", "augment.weak_padding"]:  # fmt: skip
+        line = next(line for line in described.splitlines() if line.startswith(key + " = "))
+        assert len(line.split("# ", 1)[1]) > 20, line
