@@ -257,15 +257,17 @@ def cluster(
         image_column=d.image_column,
         max_samples=d.max_samples,
     )
+    from .evaluation.backbone import load_model
+
+    model = load_model(encoder, revision=revision, trust_remote_code=trust_remote_code).encoder
     labels = compute_pseudo_labels(
+        model,
         encoder,
         data.images,
         loaded.method.advcl.clusters,
         seed=loaded.training.seed if seed is None else seed,
         normalize=normalize,
         batch_size=batch_size,
-        revision=revision,
-        trust_remote_code=trust_remote_code,
     )
     path = save_pseudo_labels(output or Path(loaded.method.advcl.pseudo_labels or LABELS_FILE), labels)
     sizes = ", ".join(f"K={k}: {int(v.bincount().count_nonzero())} clusters" for k, v in labels.labels.items())

@@ -52,7 +52,8 @@ class PseudoLabels:
 
 
 def compute_pseudo_labels(
-    encoder_reference: str,
+    encoder: torch.nn.Module,
+    reference: str,
     images: torch.Tensor,
     clusters: Sequence[int],
     *,
@@ -60,16 +61,12 @@ def compute_pseudo_labels(
     normalize: bool = True,
     device: torch.device | None = None,
     batch_size: int = 512,
-    revision: str | None = None,
-    trust_remote_code: bool = False,
     progress: bool = True,
 ) -> PseudoLabels:
-    """Cluster ``images`` (uint8, dataset order) by the features of ``encoder_reference`` for every K."""
-    from .evaluation.backbone import load_model
-
+    """Cluster ``images`` (uint8, dataset order) by the features of ``encoder`` (pixels in [0, 1] → features; its
+    ``reference`` is recorded in the file) for every K."""
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    loaded = load_model(encoder_reference, revision=revision, trust_remote_code=trust_remote_code)
-    features = extract_features(loaded.encoder, images, device, batch_size, progress)
+    features = extract_features(encoder, images, device, batch_size, progress)
     if normalize:
         features = torch.nn.functional.normalize(features, dim=1)
     labels = {}
@@ -77,7 +74,7 @@ def compute_pseudo_labels(
         if k > len(images):
             raise UserError(f"cannot form {k} clusters from {len(images)} images", "method.advcl.clusters")
         labels[int(k)] = kmeans(features, int(k), seed=seed).labels.cpu()
-    return PseudoLabels(labels, images_fingerprint(images), str(encoder_reference), seed, normalize)
+    return PseudoLabels(labels, images_fingerprint(images), str(reference), seed, normalize)
 
 
 def save_pseudo_labels(path: Path, result: PseudoLabels) -> Path:

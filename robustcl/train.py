@@ -63,6 +63,14 @@ def hardware_description(accelerator: Accelerator) -> str:
     return f"{n} × {accelerator.device.type.upper()} process ({platform.machine()})"
 
 
+def load_encoder(reference: str, revision: str | None = None) -> torch.nn.Module:
+    """Any encoder a method builds on (DeACL's teacher, AdvCL's clustering features), as ``robustcl evaluate``
+    loads it: a run directory, an export folder or a Hub id → pixels in [0, 1] to features, eval mode."""
+    from .evaluation.backbone import load_model
+
+    return load_model(reference, revision=revision).encoder
+
+
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     trackers = _installed_trackers(recipe.logging.trackers)
@@ -143,7 +151,9 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     # Before the checkpoint is restored and before DDP wraps the method: a teacher or pseudo-labels come from
     # outside the weights (a DeACL student starts as its teacher; a restored checkpoint then overrides that).
     method.setup(
-        TrainingRun(run_dir, data.images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator)
+        TrainingRun(
+            run_dir, data.images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator, load_encoder
+        )
     )
     # Frozen parameters (DynACL's moving-average encoder) are updated by the method itself, not the optimizer.
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], recipe.optimizer)

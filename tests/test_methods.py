@@ -15,6 +15,7 @@ from robustcl.methods import METHODS, TrainingRun, build_method
 from robustcl.models import RobustCLResNetModel
 from robustcl.pseudo_labels import PseudoLabels, images_fingerprint, save_pseudo_labels
 from robustcl.recipe import load_recipe
+from robustcl.train import load_encoder
 
 SMALL = ["model.widths=[8,16,32,64]", "model.block_layers=[1,1,1,1]", "data.resolution=16"]
 NO_ATTACK = ["attack.steps=0", "attack.epsilon=0"]
@@ -29,7 +30,7 @@ def _images(n=8, seed=0):
 
 
 def _run(tmp_path, images, steps_per_epoch=1, total_steps=1):
-    return TrainingRun(tmp_path, images, steps_per_epoch, total_steps)
+    return TrainingRun(tmp_path, images, steps_per_epoch, total_steps, load_encoder=load_encoder)
 
 
 def test_registry_names_every_method_with_its_paper():

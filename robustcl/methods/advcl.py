@@ -70,9 +70,10 @@ class AdvCL(Method):
         path = self.label_file(run.run_dir)
         if self.opts.pseudo_labels is None and not path.is_file():
             if run.is_main_process():
+                reference = self.opts.cluster_encoder
                 labels = compute_pseudo_labels(
-                    self.opts.cluster_encoder, run.images, self.opts.clusters, seed=self.recipe.training.seed,
-                    device=run.device,
+                    run.encoder(reference), reference, run.images, self.opts.clusters,
+                    seed=self.recipe.training.seed, device=run.device,
                 )  # fmt: skip
                 save_pseudo_labels(path, labels)
             run.wait_for_everyone()

@@ -52,6 +52,14 @@ class TrainingRun:
     total_steps: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     accelerator: Accelerator | None = None  # None in single-process use (tests, scripts)
+    # reference (run dir, export, Hub id), revision → pixels-in-[0, 1] feature encoder in eval mode. Passed in by
+    # the caller: loading a run directory needs the method registry, so methods cannot import the loader.
+    load_encoder: Callable[[str, str | None], nn.Module] | None = None
+
+    def encoder(self, reference: str, revision: str | None = None) -> nn.Module:
+        if self.load_encoder is None:
+            raise RuntimeError("this TrainingRun has no load_encoder to load other encoders with")
+        return self.load_encoder(reference, revision)
 
     @property
     def total_epochs(self) -> float:

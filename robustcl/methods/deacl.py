@@ -58,13 +58,9 @@ class DeACL(Method):
 
     def setup(self, run: TrainingRun) -> None:
         super().setup(run)
-        from ..evaluation.backbone import load_model
-
-        loaded = load_model(self.opts.teacher, revision=self.opts.teacher_revision)
-        teacher = loaded.encoder.to(run.device).eval().requires_grad_(False)
-        backbone = teacher.backbone
+        teacher = run.encoder(self.opts.teacher, self.opts.teacher_revision).to(run.device).eval().requires_grad_(False)
         if self.opts.student_init == "teacher":
-            self._copy_teacher(backbone, loaded.reference)
+            self._copy_teacher(teacher.backbone, self.opts.teacher)
         probe = torch.zeros(2, 3, self.recipe.data.resolution, self.recipe.data.resolution, device=run.device)
         with torch.no_grad():
             dim = teacher(probe).shape[1]
