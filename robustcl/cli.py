@@ -243,20 +243,12 @@ def cluster(
     encoder, then k-means (k-means++ seeding, fixed seed) on the GPU when there is one, for every K in
     method.advcl.clusters. Writes one safetensors file that records which images it labels; point the recipe at it
     with method.advcl.pseudo_labels."""
-    from .data.loading import load_images
+    from .data.loading import load_pretraining_images
     from .pseudo_labels import LABELS_FILE, compute_pseudo_labels, save_pseudo_labels
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_)
-    d = loaded.data
-    data = load_images(
-        d.path,
-        d.split,
-        resolution=d.resolution,
-        name=d.name,
-        image_column=d.image_column,
-        max_samples=d.max_samples,
-    )
+    data = load_pretraining_images(loaded.data)
     from .evaluation.backbone import load_model
 
     model = load_model(encoder, revision=revision, trust_remote_code=trust_remote_code).encoder

@@ -7,8 +7,6 @@ resolution), the encoder reference, the seed and whether features were L2-normal
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,29 +15,11 @@ import torch
 from tqdm.auto import tqdm
 
 from .errors import UserError
+from .features import CHUNK, encode
+from .fingerprint import images_fingerprint
 from .kmeans import kmeans
 
 LABELS_FILE = "pseudo_labels.safetensors"
-
-
-def images_fingerprint(images: torch.Tensor) -> str:
-    """SHA-256 of a uint8 image tensor's bytes together with its shape."""
-    digest = hashlib.sha256(json.dumps(list(images.shape)).encode())
-    digest.update(images.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-@torch.no_grad()
-def extract_features(
-    encoder: torch.nn.Module, images: torch.Tensor, device: torch.device, batch_size: int = 512, progress: bool = True
-) -> torch.Tensor:
-    """Pooled features [N, D] (float32, on ``device``) of uint8 images [N, 3, H, W], encoder in eval mode."""
-    encoder = encoder.to(device).eval()
-    chunks = []
-    for start in tqdm(range(0, len(images), batch_size), desc="features", unit="batch", disable=not progress):
-        batch = images[start : start + batch_size].to(device).float() / 255
-        chunks.append(encoder(batch).float())
-    return torch.cat(chunks)
 
 
 @dataclass
@@ -60,19 +40,20 @@ def compute_pseudo_labels(
     seed: int = 0,
     normalize: bool = True,
     device: torch.device | None = None,
-    batch_size: int = 512,
+    batch_size: int = CHUNK,
     progress: bool = True,
 ) -> PseudoLabels:
     """Cluster ``images`` (uint8, dataset order) by the features of ``encoder`` (pixels in [0, 1] → features; its
     ``reference`` is recorded in the file) for every K."""
+    for k in clusters:  # before the feature pass, which is the slow part
+        if k > len(images):
+            raise UserError(f"cannot form {k} clusters from {len(images)} images", "method.advcl.clusters")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    features = extract_features(encoder, images, device, batch_size, progress)
+    features = encode(encoder.to(device), images, device, progress, batch_size).float()
     if normalize:
         features = torch.nn.functional.normalize(features, dim=1)
     labels = {}
     for k in tqdm(list(clusters), desc="k-means", unit="K", disable=not progress):
-        if k > len(images):
-            raise UserError(f"cannot form {k} clusters from {len(images)} images", "method.advcl.clusters")
         labels[int(k)] = kmeans(features, int(k), seed=seed).labels.cpu()
     return PseudoLabels(labels, images_fingerprint(images), str(reference), seed, normalize)
 

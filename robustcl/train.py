@@ -17,7 +17,7 @@ from accelerate.utils import ProjectConfiguration
 from tqdm.auto import tqdm
 
 from .data.batches import EpochBatches, step_generator
-from .data.loading import load_images
+from .data.loading import load_pretraining_images
 from .distributed import check_world_size
 from .errors import UserError
 from .export import export_run
@@ -125,16 +125,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     torch.manual_seed(recipe.training.seed)
 
     t = recipe.training
-    data = load_images(
-        recipe.data.path,
-        recipe.data.split,
-        resolution=recipe.data.resolution,
-        name=recipe.data.name,
-        image_column=recipe.data.image_column,
-        label_column=recipe.data.label_column,
-        max_samples=recipe.data.max_samples,
-        progress=accelerator.is_local_main_process,
-    )
+    data = load_pretraining_images(recipe.data, progress=accelerator.is_local_main_process)
     batches = EpochBatches(
         len(data.images),
         t.batch_size,

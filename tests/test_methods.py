@@ -10,10 +10,11 @@ import torch.nn.functional as F
 
 from robustcl.data.frequency import high_frequency
 from robustcl.errors import UserError
+from robustcl.fingerprint import images_fingerprint
 from robustcl.losses import multi_positive_nt_xent, nt_xent
 from robustcl.methods import METHODS, TrainingRun, build_method
 from robustcl.models import RobustCLResNetModel
-from robustcl.pseudo_labels import PseudoLabels, images_fingerprint, save_pseudo_labels
+from robustcl.pseudo_labels import PseudoLabels, save_pseudo_labels
 from robustcl.recipe import load_recipe
 from robustcl.train import load_encoder
 

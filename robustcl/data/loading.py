@@ -12,7 +12,7 @@ Opening the split (Hub id, local folder, save_to_disk folder, image folder, sing
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
@@ -24,7 +24,18 @@ from robustcl.data.decode import _decode_array_column, _decode_image_column
 from robustcl.data.sources import _datasets_progress, _source, open_split
 from robustcl.errors import UserError
 
-__all__ = ["BUILTIN_DIGITS", "ImageData", "check_dataset", "detect_columns", "load_images", "open_split"]
+if TYPE_CHECKING:
+    from robustcl.recipe import DataConfig
+
+__all__ = [
+    "BUILTIN_DIGITS",
+    "ImageData",
+    "check_dataset",
+    "detect_columns",
+    "load_images",
+    "load_pretraining_images",
+    "open_split",
+]
 
 # Below this many rows a bar would flash by and only clutter the log.
 _PROGRESS_MIN_ROWS = 5000
@@ -322,3 +333,18 @@ def check_dataset(
     if label is not None:
         _read_labels(ds, label, source, key_prefix)
     return image, label
+
+
+def load_pretraining_images(data: DataConfig, progress: bool = True) -> ImageData:
+    """A recipe's pretraining split (its ``data`` section), decoded as ``robustcl pretrain`` trains on it; AdvCL's
+    pseudo-labels are computed on exactly these images."""
+    return load_images(
+        data.path,
+        data.split,
+        resolution=data.resolution,
+        name=data.name,
+        image_column=data.image_column,
+        label_column=data.label_column,
+        max_samples=data.max_samples,
+        progress=progress,
+    )

@@ -18,10 +18,10 @@ from tqdm.auto import tqdm
 
 from ..attacks import module_mode, pgd_attack
 from ..data.augment import WeakAugment, WeakAugmentParams
+from ..features import CHUNK, encode, pixels
 from ..recipe import FinetuneConfig
 from .backbone import FeatureEncoder
 
-_CHUNK = 512
 _TRADES_START_STD = 0.001  # TRADES starts its KL attack from x + 0.001·N(0, 1)
 
 
@@ -69,18 +69,6 @@ class FinetuneResult:
     selected_epoch: int
     val_accuracy: float
     history: list[dict[str, Any]] = field(default_factory=list)
-
-
-def _pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device).float() / 255
-
-
-@torch.no_grad()
-def encode(encoder: nn.Module, images: torch.Tensor, device: torch.device, progress: bool = False) -> torch.Tensor:
-    """Features of uint8 images, computed in chunks with the encoder in eval mode."""
-    chunks = tqdm(images.split(_CHUNK), desc="features", unit="batch", dynamic_ncols=True, disable=not progress)
-    with module_mode(encoder, False):
-        return torch.cat([encoder(_pixels(chunk, device)) for chunk in chunks])
 
 
 def _ce_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, generator) -> torch.Tensor:
@@ -134,8 +122,8 @@ def _val_accuracy(
     generator = torch.Generator(device=device).manual_seed(seed + 1)
     correct = 0
     with module_mode(model, False):
-        for images, labels in zip(val.images.split(_CHUNK), val.labels.split(_CHUNK)):
-            x, y = _pixels(images, device), labels.to(device)
+        for images, labels in zip(val.images.split(CHUNK), val.labels.split(CHUNK)):
+            x, y = pixels(images, device), labels.to(device)
             if cfg.select_by == "robust":
                 x = _ce_attack(model, x, y, cfg, generator)
             with torch.no_grad():
@@ -187,7 +175,7 @@ def finetune(
                 loss = F.cross_entropy(head(features[index.to(device)]), y)
             else:
                 images = train.images[index].to(device)
-                x = augment(images, generator) if augment is not None else images.float() / 255
+                x = augment(images, generator) if augment is not None else pixels(images, device)
                 loss = _training_loss(model, x, y, cfg, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

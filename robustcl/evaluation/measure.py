@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from ..attacks import module_mode, pgd_attack
 from ..errors import UserError
+from ..features import pixels
 from ..recipe import EvalAttackConfig
 
 NOT_ATTACKED = -1  # flag value of images outside --attack-subset
@@ -126,7 +127,7 @@ def measure(
     with module_mode(model, False):
         for (index,) in bar:
             cpu_index = index.cpu()
-            x, y = images[cpu_index].to(device).float() / 255, labels[cpu_index].to(device)
+            x, y = pixels(images[cpu_index], device), labels[cpu_index].to(device)
             results = {"index": index}
             with torch.no_grad():
                 results["clean"] = (model(x).argmax(1) == y).long()

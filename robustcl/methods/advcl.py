@@ -11,8 +11,9 @@ x_cl maximises the contrastive loss through the 'pgd' BN, x_ce the pseudo-label 
 z is a 2-layer projector (512 → 512 → BN → ReLU → 128, one BN shared by all branches as in the authors' model)
 L2-normalised; every view is a separate forward (its own BN batch statistics), as in the authors' code.
 Quirks, as recipe options: ``scale`` = 0.5/0.07 (the SupCon base temperature) and attack.bn_mode = train.
-The clean views' features enter the attack as constants, computed once per step rather than once per PGD step
-(the same values; the BN running averages are updated once instead of five times).
+The clean views' features are computed once per step and enter the attack as constants (the authors recompute
+them at every PGD step and again for the loss: the same values, as BN uses batch statistics in train mode; the
+BN running averages are updated once instead of seven times).
 """
 
 from __future__ import annotations
@@ -112,13 +113,17 @@ class AdvCL(Method):
         targets = self.pseudo_labels[:, indices.to(self.pseudo_labels.device)].to(images.device)
         clean_views = (x1, x2, x_hf)
 
-        with torch.no_grad():
-            with module_mode(self, train=self.recipe.attack.bn_mode == "train"):
+        clean = [self.embed(v, "normal") for v in clean_views]
+        attack_in_train_mode = self.recipe.attack.bn_mode == "train"
+        if attack_in_train_mode == self.training:  # the attack sees these very features (the default quirk)
+            clean_const = [z.detach() for z in clean]
+        else:
+            with torch.no_grad(), module_mode(self, train=attack_in_train_mode):
                 clean_const = [self.embed(v, "normal") for v in clean_views]
         x_cl = self.attack(lambda x: self.contrastive_loss(self.embed(x, "pgd"), clean_const), weak, generator)
         x_ce = self.attack(lambda x: self.pseudo_label_loss(x, targets), weak, generator)
 
-        loss_cl = self.contrastive_loss(self.embed(x_cl, "pgd"), [self.embed(v, "normal") for v in clean_views])
+        loss_cl = self.contrastive_loss(self.embed(x_cl, "pgd"), clean)
         loss_ce = self.pseudo_label_loss(x_ce, targets)
         loss = loss_cl + self.opts.ce_weight * loss_ce
         return loss, {"loss_contrastive": loss_cl.detach(), "loss_pseudo_label": loss_ce.detach()}
