@@ -65,9 +65,6 @@ class TrainingRun:
     def total_epochs(self) -> float:
         return self.total_steps / self.steps_per_epoch
 
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
-
     def is_main_process(self) -> bool:
         return self.accelerator is None or self.accelerator.is_main_process
 
