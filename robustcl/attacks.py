@@ -8,6 +8,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
+from .data.batches import BatchRandom
+
 
 @contextmanager
 def module_mode(module: nn.Module, train: bool) -> Iterator[nn.Module]:
@@ -29,7 +31,7 @@ def pgd_attack(
     step_size: float,
     steps: int,
     random_start: bool = True,
-    generator: torch.Generator | None = None,
+    generator: torch.Generator | BatchRandom | None = None,
     start: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """L∞ projected gradient ascent on ``loss_fn`` around ``x`` (pixels in [0, 1]).
@@ -47,7 +49,10 @@ def pgd_attack(
     if start is not None:
         delta = start.detach().to(x).clamp(-epsilon, epsilon)
     elif random_start:
-        noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        if isinstance(generator, BatchRandom):  # training: the same start for an image on any process
+            noise = generator.rand(tuple(x.shape), dtype=x.dtype)
+        else:
+            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
         delta = (noise * 2 - 1) * epsilon
     else:
         delta = torch.zeros_like(x)

@@ -348,6 +348,109 @@ def recipe_validate(
         typer.echo(f"robustcl: {recipe} is valid")
 
 
+@app.command(context_settings={"allow_interspersed_args": False})
+def launch(
+    command: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="The robustcl command every process runs, after --, e.g. -- pretrain recipes/acl.yaml --set ...",
+            metavar="-- COMMAND ARGS",
+            show_default=False,
+        ),
+    ] = None,
+    gpus: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Processes per node: one per GPU (default: every visible GPU); with --cpu, CPU processes per node "
+            "(default 1). The total is --gpus × --nodes.",
+            show_default=False,
+        ),
+    ] = None,
+    nodes: Annotated[
+        int, typer.Option(min=1, help="Machines taking part; start the same command on each with its --node-rank.")
+    ] = 1,
+    node_rank: Annotated[
+        int | None,
+        typer.Option(
+            min=0, help="This machine's rank, 0 … NODES-1 (0 runs the main process; $SLURM_NODEID).", show_default=False
+        ),
+    ] = None,
+    main_address: Annotated[
+        str | None,
+        typer.Option(
+            metavar="HOST:PORT",
+            help="Address of the node with --node-rank 0 and a free port there, the same on every node "
+            "(needed with --nodes > 1).",
+            show_default=False,
+        ),
+    ] = None,
+    deepspeed: Annotated[
+        Path | None,
+        typer.Option(
+            metavar="FILE",
+            help="Train with DeepSpeed using this DeepSpeed JSON config, e.g. launch/zero2.json (ZeRO-2).",
+            show_default=False,
+        ),
+    ] = None,
+    cpu: Annotated[
+        bool, typer.Option("--cpu", help="Run on the CPU: the processes form one gloo process group (no GPU needed).")
+    ] = False,
+    mixed_precision: Annotated[
+        str,
+        typer.Option(
+            metavar="no|bf16|fp16",
+            help="Accelerate's default precision for the processes; robustcl pretrain follows the recipe's "
+            "training.precision whatever this says.",
+        ),
+    ] = "no",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Print the equivalent accelerate launch command and exit.")
+    ] = False,
+) -> None:
+    """Run a robustcl command on several GPUs, CPU processes or machines through Accelerate's launcher, with every
+    setting explicit (a machine-local `accelerate config` file is not used). Prints the equivalent `accelerate
+    launch` command first; exits with the job's exit code.
+
+    \b
+    Examples:
+      robustcl launch --gpus 8 -- pretrain recipes/acl.yaml
+      robustcl launch --cpu --gpus 2 -- pretrain recipes/quickstart.yaml
+      robustcl launch --gpus 8 --deepspeed launch/zero2.json -- pretrain recipes/acl.yaml
+      robustcl launch --gpus 8 --nodes 2 --node-rank 0 --main-address 10.0.0.1:29500 -- pretrain recipes/acl.yaml
+      (and the same with --node-rank 1 on the second machine; launch/slurm.sbatch does this under SLURM)
+    """
+    from . import launcher
+
+    names = tuple(name for name in typer.main.get_command(app).commands if name != "launch")
+    if gpus is None:
+        gpus = 1 if cpu else launcher.visible_gpus()
+        if gpus == 0:
+            raise UserError("no GPU is visible", "--gpus", "add --cpu to run on the CPU, or --gpus N on a GPU machine")
+    plan = launcher.plan_launch(
+        command or [],
+        gpus=gpus,
+        nodes=nodes,
+        node_rank=node_rank,
+        main_address=main_address,
+        deepspeed=deepspeed,
+        cpu=cpu,
+        mixed_precision=mixed_precision,
+        known_commands=names,
+    )
+    if dry_run:
+        typer.echo(f"robustcl: launching: {plan.shell()}")
+        return
+    launcher.check_hardware(gpus, cpu, deepspeed)
+    config = launcher.default_accelerate_config()
+    if config is not None:
+        typer.echo(f"robustcl: note: not using {config} (robustcl launch passes every setting itself)", err=True)
+    typer.echo(f"robustcl: launching: {plan.shell()}", err=True)
+    code = launcher.run_launch(plan)
+    if code:
+        raise typer.Exit(code)
+
+
 def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 

@@ -7,38 +7,60 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from .collectives import gather_with_grad, world
 
-def multi_positive_nt_xent(views: Sequence[torch.Tensor], temperature: float, scale: float = 1.0) -> torch.Tensor:
+
+def multi_positive_nt_xent(
+    views: Sequence[torch.Tensor], temperature: float, scale: float = 1.0, across_processes: bool = False
+) -> torch.Tensor:
     """Contrastive loss over V views of N images (SupCon without labels; SimCLR's NT-Xent when V = 2).
 
     Row i of every tensor in ``views`` is the same image. Features are L2-normalised; each of the V·N anchors is
     scored against the V·N − 1 others (cosine / ``temperature``, its own similarity removed), its positives are
     the other V − 1 views of its image, and its loss is −``scale`` × the mean log-probability of its positives.
     Returns the mean over anchors.
+
+    ``across_processes``: the keys are the views of the *global* batch (every process's rows, gathered with
+    gradient), the anchors this process's rows, its positives found at their global rows (rank × N + i). Under
+    DDP gradient averaging this equals the loss and gradients of one process holding the whole batch. Attacks
+    leave it off: they maximise the loss of the process's own batch and need no communication.
     """
     shapes = {tuple(v.shape) for v in views}
     if len(views) < 2 or len(shapes) != 1:
         raise ValueError(f"need at least two view feature tensors of one shape, got {sorted(shapes)}")
     n, v = views[0].shape[0], len(views)
-    z = F.normalize(torch.cat(list(views)).float(), dim=1)
-    logits = z @ z.T / temperature
-    self_mask = torch.eye(v * n, dtype=torch.bool, device=z.device)
+    local = F.normalize(torch.stack(list(views)).float(), dim=2)  # [V, n, d]
+    rank, size = world() if across_processes else (0, 1)
+    keys = local
+    if size > 1:
+        keys = gather_with_grad(local.transpose(0, 1).contiguous()).transpose(0, 1)  # [V, size·n, d]
+    total = keys.shape[1]
+    anchors, keys = local.flatten(0, 1), keys.flatten(0, 1)
+    logits = anchors @ keys.T / temperature  # [V·n, V·total]
+    # Anchor (view a, local row i) is key (a, rank·n + i); its image's rows in every view are its positives.
+    image = rank * n + torch.arange(n, device=anchors.device).repeat(v)
+    own = torch.arange(v, device=anchors.device).repeat_interleave(n) * total + image
+    key_image = torch.arange(total, device=anchors.device).repeat(v)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[torch.arange(v * n, device=anchors.device), own] = True
     log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
-    image = torch.arange(n, device=z.device).repeat(v)
-    positives = (image[:, None] == image[None, :]) & ~self_mask
+    positives = (image[:, None] == key_image[None, :]) & ~self_mask
     mean_log_prob_pos = (log_prob * positives).sum(1) / (v - 1)
     return -scale * mean_log_prob_pos.mean()
 
 
-def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+def nt_xent(
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, across_processes: bool = False
+) -> torch.Tensor:
     """SimCLR's NT-Xent: row i of ``z1`` and row i of ``z2`` are a positive pair, every other row a negative.
 
     Cosine similarity divided by ``temperature``; each of the 2N anchors is scored against the 2N − 1 others
-    (its own similarity removed); the loss is the mean over the 2N anchors.
+    (its own similarity removed); the loss is the mean over the 2N anchors. ``across_processes``: negatives from
+    every process (see :func:`multi_positive_nt_xent`).
     """
     if z1.shape != z2.shape:
         raise ValueError(f"view features differ in shape: {tuple(z1.shape)} vs {tuple(z2.shape)}")
-    return multi_positive_nt_xent([z1, z2], temperature)
+    return multi_positive_nt_xent([z1, z2], temperature, across_processes=across_processes)
 
 
 def distillation_loss(

@@ -112,7 +112,8 @@ def _pretraining(facts: CardFacts) -> dict[str, Any] | None:
         "resolution": recipe.data.resolution,
         "objective": facts.method.describe() if facts.method is not None else recipe.method.name,
         "attack": attack,
-        "optimizer": f"{o.name.upper()}, lr {o.lr:g}, weight decay {o.weight_decay:g}, momentum {o.momentum:g}; "
+        "optimizer": f"{o.name.upper()}, lr {o.peak_lr(recipe.training.batch_size):g}, weight decay "
+        f"{o.weight_decay:g}, momentum {o.momentum:g}; "
         f"{s.name} schedule, {s.warmup_epochs:g} warm-up epochs",
         "batch_size": recipe.training.batch_size,
     }

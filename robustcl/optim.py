@@ -60,18 +60,17 @@ class LARS(torch.optim.Optimizer):
         return loss
 
 
-def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig) -> torch.optim.Optimizer:
+def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimizerConfig, lr: float) -> torch.optim.Optimizer:
+    """The recipe's optimizer at peak learning rate ``lr`` (``cfg.peak_lr`` of the run's global batch)."""
     if cfg.name == "lars":
         return LARS(
             params,
-            lr=cfg.lr,
+            lr=lr,
             momentum=cfg.momentum,
             weight_decay=cfg.weight_decay,
             trust_coefficient=cfg.trust_coefficient,
         )
-    return torch.optim.SGD(
-        params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov
-    )
+    return torch.optim.SGD(params, lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, cfg: ScheduleConfig, peak_lr: float) -> float:

@@ -189,11 +189,21 @@ class AttackConfig(Section):
 
 class OptimizerConfig(Section):
     name: Literal["lars", "sgd"] = Field("lars", description="lars (You et al.) or sgd")
-    lr: float = Field(5.0, gt=0, description="peak learning rate")
+    lr: float = Field(5.0, gt=0, description="peak learning rate (of reference_batch_size with lr_scaling)")
     weight_decay: float = Field(1e-6, ge=0, description="L2 weight decay (all parameters)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum")
     trust_coefficient: float = Field(1e-3, gt=0, description="LARS trust coefficient η")
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only)")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field(
+        "none",
+        description="peak lr = lr × f(training.batch_size / reference_batch_size); none: lr is used as written",
+    )
+    reference_batch_size: int = Field(256, gt=0, description="global batch size that optimizer.lr is given for")
+
+    def peak_lr(self, batch_size: int) -> float:
+        """The learning rate a run with global batch ``batch_size`` trains with (independent of processes)."""
+        ratio = batch_size / self.reference_batch_size
+        return self.lr * {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[self.lr_scaling]
 
 
 class ScheduleConfig(Section):
@@ -205,8 +215,20 @@ class ScheduleConfig(Section):
 class TrainingConfig(Section):
     epochs: int = Field(1000, gt=0, description="training length in epochs (ignored when max_steps is set)")
     max_steps: int | None = Field(None, gt=0, description="training length in optimizer steps")
-    batch_size: int = Field(512, gt=0, description="global batch size in images (all processes together)")
-    grad_accum_steps: int = Field(1, gt=0, description="micro-batches per optimizer step")
+    batch_size: int = Field(
+        512, gt=0, description="global batch size in images per optimizer step (all processes together)"
+    )
+    micro_batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="images per process per forward pass (to fit memory); null: batch_size / processes. "
+        "Gradient accumulation steps = batch_size / (processes × micro_batch_size)",
+    )
+    sync_batchnorm: bool | None = Field(
+        None,
+        description="BatchNorm statistics over the global batch across processes; null: on for contrastive "
+        "methods (acl, simclr, advcl, dynacl), off for deacl",
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
     checkpoint_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints kept in the run directory")

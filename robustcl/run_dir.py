@@ -12,13 +12,18 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 from accelerate import Accelerator
+from safetensors.torch import save_file
 
+from .deepspeed_support import safe_checkpoint_loading, uses_deepspeed
 from .errors import UserError
+from .export_layout import WEIGHTS_FILE
 from .recipe import Recipe, recipe_from_dict
 
 RECIPE_FILE = "recipe.yaml"
@@ -58,7 +63,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: int, train_state: dict[str, Any]) -> Path:
+def save_checkpoint(
+    accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, step: int, keep: int, train_state: dict[str, Any]
+) -> Path:
     """Write the full training state for ``step`` into a temporary folder, then rename it into place.
 
     A run killed at any moment leaves either the previous checkpoints or the new complete one, never a
@@ -74,6 +81,12 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp), safe_serialization=True)
+    if uses_deepspeed(accelerator):
+        # DeepSpeed writes its own engine files (.pt): the full weights go beside them as safetensors, for export
+        # and evaluation. Every process takes part in gathering them (ZeRO-3: process 0 receives them).
+        state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
@@ -95,7 +108,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, step: int, keep: in
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
     """Restore model, optimizer and RNG states (safetensors / ``weights_only`` loads); return the train state."""
-    accelerator.load_state(str(checkpoint))
+    with safe_checkpoint_loading() if uses_deepspeed(accelerator) else nullcontext():
+        accelerator.load_state(str(checkpoint))
     return json.loads((checkpoint / TRAIN_STATE).read_text())
 
 

@@ -6,24 +6,25 @@ import json
 import math
 import platform
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import ProjectConfiguration
+from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
-from .data.batches import EpochBatches, step_generator
+from .collectives import check_replicas_identical, convert_sync_batchnorm
+from .data.batches import EpochBatches, batch_random
 from .data.loading import load_pretraining_images
+from .deepspeed_support import configure_deepspeed, deepspeed_requested, zero_stage
 from .distributed import check_world_size
 from .errors import UserError
 from .export import export_run
-from .methods import TrainingRun, build_method
+from .methods import Method, TrainingRun, build_method
 from .optim import build_optimizer, build_scheduler
-from .recipe import Recipe, recipe_differences
+from .recipe import Recipe, TrainingConfig, recipe_differences
 from .run_dir import RECIPE_FILE, latest_checkpoint, load_checkpoint, read_run_recipe, save_checkpoint
 
 ENCODER_DIR = "encoder"
@@ -74,11 +75,18 @@ def load_encoder(reference: str, revision: str | None = None) -> torch.nn.Module
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     trackers = _installed_trackers(recipe.logging.trackers)
+    options: dict[str, Any] = {}
+    if deepspeed_requested():
+        # Accelerate's CPU switch turns DeepSpeed off; on CPU DeepSpeed needs the gloo backend named instead.
+        if on_cpu:
+            options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+    else:
+        options["cpu"] = on_cpu
     accelerator = Accelerator(
-        cpu=on_cpu,
         mixed_precision=_mixed_precision(recipe.training.precision, on_cpu),
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        **options,
     )
     check_world_size(accelerator)
     return accelerator
@@ -112,9 +120,67 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         )
 
 
-def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
-    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export, and evaluate when
-    ``eval.after_pretrain``."""
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the recipe's global batch is spread: processes × micro-batch × accumulation steps = batch_size."""
+
+    global_batch: int
+    processes: int
+    micro_batch: int  # images per process per forward pass
+    accumulation: int  # micro-batches per optimizer step
+
+    def describe(self) -> str:
+        return (
+            f"global batch {self.global_batch} = {self.processes} process(es) × {self.micro_batch} images × "
+            f"{self.accumulation} accumulation step(s)"
+        )
+
+
+def plan_batches(t: TrainingConfig, processes: int) -> BatchPlan:
+    """Derive the per-process micro-batch and the accumulation steps from the global ``training.batch_size``, so
+    the same recipe trains with the same effective batch on 1 process or on 16."""
+    if t.batch_size % processes:
+        raise UserError(
+            f"training.batch_size {t.batch_size} is not divisible by the {processes} processes",
+            "training.batch_size",
+            f"the batch size is global: use a multiple of {processes}",
+        )
+    per_process = t.batch_size // processes
+    micro = t.micro_batch_size or per_process
+    if per_process % micro:
+        raise UserError(
+            f"training.micro_batch_size {micro} does not divide the per-process batch {per_process} "
+            f"(batch_size {t.batch_size} / {processes} processes)",
+            "training.micro_batch_size",
+            "use a divisor of the per-process batch, or null",
+        )
+    return BatchPlan(t.batch_size, processes, micro, per_process // micro)
+
+
+@dataclass
+class Session:
+    """Everything one training session holds: the prepared model and optimizer, the data on the device, the
+    schedule, and the step it starts from (0, or the restored checkpoint's)."""
+
+    recipe: Recipe
+    run_dir: Path
+    accelerator: Accelerator
+    method: Method  # unwrapped
+    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped on several processes)
+    optimizer: Any
+    scheduler: Any
+    plan: BatchPlan
+    batches: EpochBatches
+    images: torch.Tensor
+    total_steps: int
+    step: int
+    compute: dict[str, Any]
+    sync_batchnorm: bool  # BN statistics (and so the BN buffers) shared by all processes
+
+
+def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
+    """Set up a run: check the run directory, start Accelerate, load the data onto the device, build the method
+    (teacher, pseudo-labels, SyncBN), optimizer and schedule, and restore the newest complete checkpoint."""
     run_dir = Path(run_dir)
     prepare_run_dir(run_dir, recipe, resume)
     accelerator = make_accelerator(recipe, run_dir)
@@ -125,14 +191,10 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     torch.manual_seed(recipe.training.seed)
 
     t = recipe.training
+    plan = plan_batches(t, accelerator.num_processes)
     data = load_pretraining_images(recipe.data, progress=accelerator.is_local_main_process)
     batches = EpochBatches(
-        len(data.images),
-        t.batch_size,
-        t.seed,
-        accelerator.num_processes,
-        accelerator.process_index,
-        t.grad_accum_steps,
+        len(data.images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     # The whole uint8 dataset lives on the training device: batches are gathered there, no host copies per step.
@@ -146,12 +208,22 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
             run_dir, data.images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator, load_encoder
         )
     )
+    sync_bn = plan.processes > 1 and (t.sync_batchnorm if t.sync_batchnorm is not None else type(method).contrastive)
+    if sync_bn:
+        convert_sync_batchnorm(method)  # same parameters and buffers: checkpoints and exports are unchanged
+    lr = recipe.optimizer.peak_lr(t.batch_size)
     # Frozen parameters (DynACL's moving-average encoder) are updated by the method itself, not the optimizer.
-    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], recipe.optimizer)
-    scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, batches.steps_per_epoch, recipe.optimizer.lr)
+    optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], recipe.optimizer, lr)
+    scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, batches.steps_per_epoch, lr)
+    accelerator.gradient_accumulation_steps = plan.accumulation
+    configure_deepspeed(accelerator, recipe, plan.micro_batch, plan.accumulation, momentum_copy=_has_frozen(method))
     model, optimizer = accelerator.prepare(method, optimizer)
     # The scheduler is not passed to prepare(): we step it once per optimizer step (Accelerate's wrapper would
     # step it once per process) and checkpoint its state ourselves.
+    accelerator.print(
+        f"robustcl: {plan.describe()}; peak lr {lr:g} (optimizer.lr_scaling {recipe.optimizer.lr_scaling}); "
+        f"SyncBN {'on' if sync_bn else 'off'}"
+    )
     step = 0
     compute: dict[str, Any] = {"images_seen": 0, "wall_time_s": 0.0, "hardware": []}
     checkpoint = latest_checkpoint(run_dir) if resume else None
@@ -163,6 +235,47 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
         accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
     compute["hardware"] = list(dict.fromkeys([*compute["hardware"], hardware_description(accelerator)]))
     compute["dataset_images"] = len(data.images)
+    return Session(
+        recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, images, total_steps, step,
+        compute, sync_bn,
+    )  # fmt: skip
+
+
+def _has_frozen(method: Method) -> bool:
+    return any(not p.requires_grad for p in method.parameters())
+
+
+def accumulate_gradients(session: Session, step: int) -> dict[str, torch.Tensor]:
+    """Forward and backward of every micro-batch of optimizer step ``step``: afterwards each parameter's
+    ``.grad`` holds the step's gradient, averaged over processes (one all-reduce, at the last micro-batch), and
+    ``optimizer.step()`` applies it. (Under DeepSpeed the engine keeps the gradients and takes the step itself
+    in the last backward.) Returns this process's metrics (detached, averaged over its micro-batches)."""
+    s, t = session, session.recipe.training
+    accelerator, plan = s.accelerator, s.plan
+    totals: dict[str, torch.Tensor] = {}
+    for micro in range(plan.accumulation):
+        indices = s.batches.indices(step, micro).to(s.images.device)
+        batch = s.images.index_select(0, indices)
+        random = batch_random(
+            t.seed, step, micro, accelerator.device, plan.micro_batch, accelerator.process_index, plan.processes
+        )
+        # Accelerate skips the gradient all-reduce until the last micro-batch and divides the loss by the
+        # accumulation steps (DeepSpeed's engine does both itself).
+        with accelerator.accumulate(s.model):
+            loss, metrics = s.model(batch, random, indices, step)
+            accelerator.backward(loss)
+        for name, value in {"loss": loss.detach(), **metrics}.items():
+            totals[name] = totals.get(name, 0) + value.float() / plan.accumulation
+    return totals
+
+
+def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
+    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export, and evaluate when
+    ``eval.after_pretrain``."""
+    session = open_session(recipe, run_dir, resume)
+    run_dir, accelerator, t = session.run_dir, session.accelerator, recipe.training
+    model, optimizer, scheduler, batches = session.model, session.optimizer, session.scheduler, session.batches
+    total_steps, step, compute = session.total_steps, session.step, session.compute
     if accelerator.is_main_process:
         accelerator.init_trackers("robustcl", config={"recipe": recipe.to_yaml()})
 
@@ -181,16 +294,8 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     last_loss = float("nan")
     model.train()
     while step < total_steps:
-        for micro in range(t.grad_accum_steps):
-            indices = batches.indices(step, micro).to(images.device)
-            batch = images.index_select(0, indices)
-            generator = step_generator(t.seed, step, micro, accelerator.process_index, accelerator.device)
-            sync = micro == t.grad_accum_steps - 1
-            with nullcontext() if sync else accelerator.no_sync(model):
-                loss, metrics = model(batch, generator, indices, step)
-                accelerator.backward(loss / t.grad_accum_steps)
-            for name, value in {"loss": loss.detach(), **metrics}.items():
-                window_loss[name] = window_loss.get(name, 0) + value.float() / t.grad_accum_steps
+        for name, value in accumulate_gradients(session, step).items():
+            window_loss[name] = window_loss.get(name, 0) + value
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -227,8 +332,12 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
                 "images_seen": compute["images_seen"] + (step - start_step) * t.batch_size,
                 "wall_time_s": compute["wall_time_s"] + time.perf_counter() - started,
             }
+            # Without SyncBN each process keeps its own BN running statistics (DDP broadcasts process 0's);
+            # ZeRO-3 keeps only a partition of each parameter per process.
+            if zero_stage(accelerator) < 3:
+                check_replicas_identical(session.method, buffers=session.sync_batchnorm)
             train_state = {"step": step, "scheduler": scheduler.state_dict(), "compute": so_far}
-            save_checkpoint(accelerator, run_dir, step, t.keep_checkpoints, train_state)
+            save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
     bar.close()
     wall = time.perf_counter() - started
 

@@ -212,10 +212,14 @@ assert not heavy, heavy
 
 def test_gradient_accumulation_splits_the_global_batch(tmp_path):
     run = tmp_path / "run"
-    sets = [*TINY, "training.max_steps=2", "training.grad_accum_steps=2", "eval.after_pretrain=false"]
+    sets = [*TINY, "training.max_steps=2", "training.micro_batch_size=16", "eval.after_pretrain=false"]
     res = robustcl("pretrain", QUICK, "-o", str(run), *with_sets(*sets))
     assert res.returncode == 0, res.stderr[-3000:]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2] and all(r["loss"] > 0 for r in records)
-    res = robustcl("pretrain", QUICK, "-o", str(tmp_path / "bad"), *with_sets(*sets, "training.batch_size=33"))
-    assert res.returncode == 2 and "not divisible" in res.stderr and "Traceback" not in res.stderr
+    assert "global batch 32 = 1 process(es) × 16 images × 2 accumulation step(s)" in res.stdout
+    bad = tmp_path / "bad"
+    res = robustcl("pretrain", QUICK, "-o", str(bad), *with_sets(*sets, "training.micro_batch_size=12"))
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert "training.micro_batch_size 12 does not divide the per-process batch 32" in res.stderr
+    assert not (bad / "checkpoints").exists()

@@ -2,9 +2,9 @@
 
 Everything works on a whole batch ``[N, C, H, W]`` at once: each sample gets its own random parameters,
 but there is no Python loop over images, so the augmentation can run on the GPU next to the model.
-All random numbers come from a caller-supplied :class:`torch.Generator` and are drawn in a fixed order
-(the number of draws depends only on the batch size), so the same seed gives the same views and a trainer
-can resume an epoch by restoring the generator state.
+All random numbers come from a caller-supplied :class:`torch.Generator` (or, in training, a
+:class:`~robustcl.data.batches.BatchRandom`: this process's rows of the global batch's draws) and are drawn in a
+fixed order (the number of draws depends only on the batch size), so the same seed gives the same views.
 
 The semantics follow the torchvision transforms used by the ACL reference code::
 
@@ -35,10 +35,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from robustcl.data.color import (
+    RandomSource,
     _apply_jitter,
     _check_generator,
     _jitter_ranges,
     _rand,
+    _randint,
     _sample_jitter,
     rgb_to_grayscale,
 )
@@ -153,7 +155,7 @@ def sample_resized_crop_boxes(
     width: int,
     scale: Sequence[float],
     ratio: Sequence[float],
-    generator: torch.Generator,
+    generator: RandomSource,
     device: torch.device | str,
 ) -> Tensor:
     """Per-sample crop boxes as in torchvision's ``RandomResizedCrop.get_params``.
@@ -319,7 +321,7 @@ class SimCLRAugment:
     def __repr__(self) -> str:
         return f"SimCLRAugment({self.params})"
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, images: Tensor, generator: RandomSource) -> Tensor:
         """images: uint8 [N,C,H,W] (or float in [0,1]) on any device -> float32 [N,3,size,size] in [0,1].
 
         ``generator`` must live on the images' device (ValueError otherwise).
@@ -357,7 +359,7 @@ class WeakAugment:
     def __repr__(self) -> str:
         return f"WeakAugment({self.params})"
 
-    def __call__(self, images: Tensor, generator: torch.Generator) -> Tensor:
+    def __call__(self, images: Tensor, generator: RandomSource) -> Tensor:
         """images: uint8 [N,C,H,W] (or float in [0,1]); returns float32 [N,3,size,size] in [0,1]."""
         p = self.params
         x = _to_float_rgb(images)
@@ -370,8 +372,8 @@ class WeakAugment:
                 f"crop size {p.size} is larger than the padded image {padded_h}x{padded_w}; "
                 f"increase padding or reduce size"
             )
-        top = torch.randint(0, padded_h - p.size + 1, (n,), generator=generator, device=device)
-        left = torch.randint(0, padded_w - p.size + 1, (n,), generator=generator, device=device)
+        top = _randint(0, padded_h - p.size + 1, n, generator, device)
+        left = _randint(0, padded_w - p.size + 1, n, generator, device)
         flip = _rand(n, generator, device) < p.flip_p
 
         padded = F.pad(x, (p.padding,) * 4)

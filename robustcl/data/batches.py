@@ -57,8 +57,53 @@ class EpochBatches:
         return self._perm[start : start + self.micro_batch]
 
 
-def step_generator(seed: int, step: int, micro: int, process_index: int, device: torch.device) -> torch.Generator:
-    """The generator for augmentation and attack starts of one micro-batch: fixed by its coordinates alone."""
+class BatchRandom:
+    """The random numbers of one process's share of a global micro-batch.
+
+    Every draw is made for the whole global micro-batch (``total`` images) from a generator seeded by the batch's
+    coordinates alone, so all processes draw the same numbers, and each keeps its own rows
+    (``offset`` … ``offset + local``). Image i therefore gets the same crop, jitter and attack start whichever
+    process holds it: N processes × B/N images compute what 1 process × B images does. The draws are tiny next
+    to a forward pass (a few numbers per image; the attack start is one image-sized tensor per view).
+
+    A draw's first dimension must be a multiple k of ``local``: k stacked views of the local images
+    ([view 1; view 2; …]), each view's rows taken from the matching global view.
+    """
+
+    def __init__(self, generator: torch.Generator, local: int, offset: int = 0, total: int | None = None) -> None:
+        total = local if total is None else total
+        if not 0 <= offset <= total - local:
+            raise ValueError(f"rows {offset}…{offset + local} are outside a global batch of {total}")
+        self.generator, self.local, self.offset, self.total = generator, local, offset, total
+
+    @property
+    def device(self) -> torch.device:
+        return self.generator.device
+
+    def _global_shape(self, size: tuple[int, ...]) -> tuple[int, ...]:
+        if not size or size[0] % self.local:
+            raise ValueError(f"a batch draw needs a first dimension that is a multiple of {self.local}, got {size}")
+        return (size[0] // self.local, self.total, *size[1:])
+
+    def _rows(self, draw: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+        return draw[:, self.offset : self.offset + self.local].reshape(size)
+
+    def rand(self, size: tuple[int, ...], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Uniform [0, 1) numbers of shape ``size`` for this process's rows."""
+        draw = torch.rand(self._global_shape(size), generator=self.generator, device=self.device, dtype=dtype)
+        return self._rows(draw, size)
+
+    def randint(self, low: int, high: int, size: tuple[int, ...]) -> torch.Tensor:
+        """Integers in [low, high) of shape ``size`` for this process's rows."""
+        draw = torch.randint(low, high, self._global_shape(size), generator=self.generator, device=self.device)
+        return self._rows(draw, size)
+
+
+def batch_random(
+    seed: int, step: int, micro: int, device: torch.device, local: int, process_index: int = 0, num_processes: int = 1
+) -> BatchRandom:
+    """The random numbers for augmentation and attack starts of one micro-batch: fixed by (seed, step, micro) and
+    the image's row in the global micro-batch, not by which process holds it."""
     g = torch.Generator(device=device)
-    g.manual_seed(hash((seed, step, micro, process_index, 0x5EED)) & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
+    g.manual_seed(hash((seed, step, micro, 0x5EED)) & 0x7FFF_FFFF_FFFF_FFFF)
+    return BatchRandom(g, local, process_index * local, num_processes * local)

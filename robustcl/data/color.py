@@ -18,6 +18,11 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+from robustcl.data.batches import BatchRandom
+
+# A plain generator (standalone use) or a process's share of a global batch's random numbers (training).
+RandomSource = torch.Generator | BatchRandom
+
 __all__ = [
     "adjust_brightness",
     "adjust_contrast",
@@ -36,7 +41,7 @@ _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PI
 # shared helpers
 
 
-def _check_generator(generator: torch.Generator, device: torch.device | str) -> None:
+def _check_generator(generator: RandomSource, device: torch.device | str) -> None:
     """Raise if the generator cannot produce numbers directly on ``device``."""
     device = torch.device(device)
     gen_device = generator.device
@@ -50,9 +55,17 @@ def _check_generator(generator: torch.Generator, device: torch.device | str) -> 
         )
 
 
-def _rand(n: int | tuple[int, ...], generator: torch.Generator, device: torch.device) -> Tensor:
+def _rand(n: int | tuple[int, ...], generator: RandomSource, device: torch.device) -> Tensor:
     size = (n,) if isinstance(n, int) else n
+    if isinstance(generator, BatchRandom):  # training: this process's rows of the global batch's draw
+        return generator.rand(size)
     return torch.rand(size, generator=generator, device=device, dtype=torch.float32)
+
+
+def _randint(low: int, high: int, n: int, generator: RandomSource, device: torch.device) -> Tensor:
+    if isinstance(generator, BatchRandom):
+        return generator.randint(low, high, (n,))
+    return torch.randint(low, high, (n,), generator=generator, device=device)
 
 
 def _per_sample(factor: Tensor | float, x: Tensor) -> Tensor:
@@ -172,7 +185,7 @@ _JITTER_OPS: tuple[Callable[[Tensor, Tensor], Tensor], ...] = (
 def _sample_jitter(
     n: int,
     ranges: Sequence[tuple[float, float]],
-    generator: torch.Generator,
+    generator: RandomSource,
     device: torch.device,
 ) -> tuple[Tensor, Tensor]:
     """Draw a per-sample op order ``[n, 4]`` and factors ``[4, n]``; always 5 draws of size n or n x 4."""
@@ -229,7 +242,7 @@ def color_jitter(
     saturation: float | Sequence[float],
     hue: float | Sequence[float],
     apply_mask: Tensor,
-    generator: torch.Generator,
+    generator: RandomSource,
 ) -> Tensor:
     """torchvision ``ColorJitter`` with per-sample factors and a per-sample random order of the four ops.
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.batches import BatchRandom
 from ..losses import nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..recipe import Recipe
@@ -50,27 +51,28 @@ class ACL(Method):
     def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         return self.projector(self.encoder(x, bn_branch=branch).pooler_output, bn_branch=branch)
 
-    def pair_loss(self, x: torch.Tensor, branch: str) -> torch.Tensor:
-        """NT-Xent of a stacked pair [view1; view2]."""
+    def pair_loss(self, x: torch.Tensor, branch: str, across_processes: bool = False) -> torch.Tensor:
+        """NT-Xent of a stacked pair [view1; view2]; the training loss takes its negatives from every process,
+        the attack's loss from this process's batch."""
         z1, z2 = self.embed(x, branch).chunk(2)
-        return nt_xent(z1, z2, self.temperature)
+        return nt_xent(z1, z2, self.temperature, across_processes)
 
-    def views(self, images: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
+    def views(self, images: torch.Tensor, generator: BatchRandom, step: int) -> torch.Tensor:
         """Two SimCLR views of every image, stacked [view1; view2]."""
         return torch.cat([self.augment(images, generator), self.augment(images, generator)])
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int):  # type: ignore[override]
+    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         views = self.views(images, generator, step)
         branch = self.adv_branch
         if self.variant == "a2s":
             view1, clean2 = views.chunk(2)
             adv1 = self.attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch), view1, generator)
-            loss = self.pair_loss(torch.cat([adv1, clean2]), branch)
+            loss = self.pair_loss(torch.cat([adv1, clean2]), branch, across_processes=True)
             return loss, {"loss_adv": loss.detach()}
         adv = self.attack(lambda x: self.pair_loss(x, branch), views, generator)
-        loss_adv = self.pair_loss(adv, branch)
+        loss_adv = self.pair_loss(adv, branch, across_processes=True)
         if self.variant == "a2a":
             return loss_adv, {"loss_adv": loss_adv.detach()}
-        loss_clean = self.pair_loss(views, "normal")
+        loss_clean = self.pair_loss(views, "normal", across_processes=True)
         loss = 0.5 * (loss_clean + loss_adv)
         return loss, {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}

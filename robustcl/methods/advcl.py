@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attacks import module_mode
+from ..data.batches import BatchRandom
 from ..data.frequency import high_frequency
 from ..errors import UserError
 from ..losses import multi_positive_nt_xent
@@ -96,15 +97,19 @@ class AdvCL(Method):
     def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         return F.normalize(self.projector(self.encoder(x, bn_branch=branch).pooler_output), dim=1)
 
-    def contrastive_loss(self, z_adv: torch.Tensor, clean: list[torch.Tensor]) -> torch.Tensor:
-        return multi_positive_nt_xent([z_adv, *clean], self.temperature, self.opts.temperature_scale)
+    def contrastive_loss(
+        self, z_adv: torch.Tensor, clean: list[torch.Tensor], across_processes: bool = False
+    ) -> torch.Tensor:
+        return multi_positive_nt_xent(
+            [z_adv, *clean], self.temperature, self.opts.temperature_scale, across_processes=across_processes
+        )
 
     def pseudo_label_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x, bn_branch="pgd_ce").pooler_output
         losses = [F.cross_entropy(head(features), t) for head, t in zip(self.pseudo_heads.values(), targets)]
         return torch.stack(losses).mean()
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int):  # type: ignore[override]
+    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         if self.pseudo_labels is None:
             raise RuntimeError("AdvCL.setup(run) must be called before training (it loads the pseudo-labels)")
         x1, x2 = self.augment(images, generator), self.augment(images, generator)
@@ -123,7 +128,7 @@ class AdvCL(Method):
         x_cl = self.attack(lambda x: self.contrastive_loss(self.embed(x, "pgd"), clean_const), weak, generator)
         x_ce = self.attack(lambda x: self.pseudo_label_loss(x, targets), weak, generator)
 
-        loss_cl = self.contrastive_loss(self.embed(x_cl, "pgd"), clean)
+        loss_cl = self.contrastive_loss(self.embed(x_cl, "pgd"), clean, across_processes=True)
         loss_ce = self.pseudo_label_loss(x_ce, targets)
         loss = loss_cl + self.opts.ce_weight * loss_ce
         return loss, {"loss_contrastive": loss_cl.detach(), "loss_pseudo_label": loss_ce.detach()}

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..attacks import module_mode, pgd_attack
+from ..data.batches import BatchRandom
 from ..models import RobustCLResNetConfig, RobustCLResNetModel
 from ..recipe import ModelConfig, Recipe
 
@@ -90,6 +91,8 @@ class Method(nn.Module):
     paper: ClassVar[Paper | None] = None
     display_name: ClassVar[str]  # as the paper spells it (model cards)
     adversarial: ClassVar[bool] = True  # trained against an adversary (False: a non-robust baseline)
+    # Its loss compares images of the batch with each other (negatives): multi-process runs synchronise BN by default.
+    contrastive: ClassVar[bool] = True
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
@@ -100,7 +103,7 @@ class Method(nn.Module):
         self.run = run
 
     def forward(  # type: ignore[override]
-        self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int
+        self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
@@ -112,7 +115,7 @@ class Method(nn.Module):
         self,
         loss_fn: Callable[[torch.Tensor], torch.Tensor],
         x: torch.Tensor,
-        generator: torch.Generator,
+        generator: BatchRandom,
         module: nn.Module | None = None,
     ) -> torch.Tensor:
         """PGD on ``loss_fn`` around ``x`` with the recipe's attack, ``module`` (default: the whole method) in the

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..data.batches import BatchRandom
 from ..errors import UserError
 from ..losses import distillation_loss
 from ..models import RobustCLResNetModel
@@ -29,6 +30,7 @@ _ARCHITECTURE_KEYS = ("block_layers", "widths", "stem", "stem_padding", "image_m
 
 class DeACL(Method):
     display_name = "DeACL"
+    contrastive = False
     paper = Paper(
         title="Decoupled Adversarial Contrastive Learning for Self-supervised Adversarial Robustness",
         authors="Zhang et al.",
@@ -91,7 +93,7 @@ class DeACL(Method):
             )
         self.encoder.load_state_dict(backbone.state_dict(), strict=True)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int):  # type: ignore[override]
+    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         x = self.augment(images, generator)
         with torch.no_grad():
             target = self.teacher(x)

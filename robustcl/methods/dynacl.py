@@ -20,6 +20,7 @@ import math
 import torch
 
 from ..data.augment import SimCLRAugment
+from ..data.batches import BatchRandom
 from ..losses import nt_xent
 from ..recipe import Recipe
 from .acl import ACL
@@ -68,20 +69,20 @@ class DynACL(ACL):
         lead = min(1.0, self.stage_epochs)
         return min(1 + math.floor((epoch + lead) / self.stage_epochs) * (self.stage_epochs / total) * self.slope, 2.0)
 
-    def views(self, images: torch.Tensor, generator: torch.Generator, step: int) -> torch.Tensor:
+    def views(self, images: torch.Tensor, generator: BatchRandom, step: int) -> torch.Tensor:
         s = self.strength(step)
         if s not in self._augments:
             self._augments[s] = simclr_augment(self.recipe, strength=s)
         augment = self._augments[s]
         return torch.cat([augment(images, generator), augment(images, generator)])
 
-    def pair_loss(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+    def pair_loss(self, x: torch.Tensor, branch: str, across_processes: bool = False) -> torch.Tensor:
         if self.momentum is None:
-            return super().pair_loss(x, branch)
+            return super().pair_loss(x, branch, across_processes)
         x1, x2 = x.chunk(2)
         z1 = self.embed(x1, branch)
         z2 = self.momentum_projector(self.momentum_encoder(x2, bn_branch=branch).pooler_output, bn_branch=branch)
-        return nt_xent(z1, z2, self.temperature)
+        return nt_xent(z1, z2, self.temperature, across_processes)
 
     @torch.no_grad()
     def _update_momentum(self) -> None:
@@ -89,11 +90,11 @@ class DynACL(ACL):
             for p, q in zip(online.parameters(), ema.parameters()):
                 q.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int):  # type: ignore[override]
+    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         views = self.views(images, generator, step)
         adv = self.attack(lambda x: self.pair_loss(x, "pgd"), views, generator)
-        loss_adv = self.pair_loss(adv, "pgd")
-        loss_clean = self.pair_loss(views, "normal")
+        loss_adv = self.pair_loss(adv, "pgd", across_processes=True)
+        loss_clean = self.pair_loss(views, "normal", across_processes=True)
         if self.momentum is not None and self._momentum_step != step:
             # After the forward, before the optimizer step, as the authors' code; once per optimizer step when
             # gradients are accumulated over micro-batches.

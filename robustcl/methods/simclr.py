@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..data.batches import BatchRandom
 from ..losses import nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..recipe import Recipe
@@ -40,8 +41,8 @@ class SimCLR(Method):
     def describe(self) -> str:
         return f"SimCLR: NT-Xent of two augmented views (no adversary), temperature {self.temperature:g}"
 
-    def forward(self, images: torch.Tensor, generator: torch.Generator, indices: torch.Tensor, step: int):  # type: ignore[override]
+    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         views = torch.cat([self.augment(images, generator), self.augment(images, generator)])
         z1, z2 = self.projector(self.encoder(views).pooler_output).chunk(2)
-        loss = nt_xent(z1, z2, self.temperature)
+        loss = nt_xent(z1, z2, self.temperature, across_processes=True)
         return loss, {}
