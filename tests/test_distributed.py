@@ -63,14 +63,13 @@ def test_two_processes_compute_the_loss_and_gradients_of_one(tmp_path):
 
 
 def _pretrain(run_dir, processes: int, *sets: str) -> subprocess.CompletedProcess:
-    args = ["-m", "robustcl", "pretrain", "recipes/quickstart.yaml", "-o", str(run_dir)]
+    args = ["pretrain", "recipes/quickstart.yaml", "-o", str(run_dir)]
     for s in (*TINY_ACL, "training.max_steps=3", "training.checkpoint_every=0", *sets):
         args += ["--set", s]
-    if processes == 1:
-        cmd, env = [sys.executable, *args], cli_env()
-    else:
-        cmd, env = [str(BIN / "accelerate"), "launch", *GLOO_2, *args], cli_env(ACCELERATE_USE_CPU="true")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    if processes > 1:
+        args = ["launch", "--cpu", "--gpus", str(processes), "--", *args]
+    return subprocess.run([str(BIN / "robustcl"), *args], cwd=REPO, env=cli_env(), capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
 
 
 def test_a_two_process_run_ends_with_the_weights_of_a_one_process_run(tmp_path):
