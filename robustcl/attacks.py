@@ -8,7 +8,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .data.batches import BatchRandom
+from .data.batches import BatchRandom, uniform
 
 
 @contextmanager
@@ -49,10 +49,7 @@ def pgd_attack(
     if start is not None:
         delta = start.detach().to(x).clamp(-epsilon, epsilon)
     elif random_start:
-        if isinstance(generator, BatchRandom):  # training: the same start for an image on any process
-            noise = generator.rand(tuple(x.shape), dtype=x.dtype)
-        else:
-            noise = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        noise = uniform(tuple(x.shape), generator, x.device, x.dtype)  # training: same start on any process
         delta = (noise * 2 - 1) * epsilon
     else:
         delta = torch.zeros_like(x)

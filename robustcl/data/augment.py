@@ -34,13 +34,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from robustcl.data.batches import RandomSource, integers
 from robustcl.data.color import (
-    RandomSource,
     _apply_jitter,
     _check_generator,
     _jitter_ranges,
     _rand,
-    _randint,
     _sample_jitter,
     rgb_to_grayscale,
 )
@@ -372,8 +371,8 @@ class WeakAugment:
                 f"crop size {p.size} is larger than the padded image {padded_h}x{padded_w}; "
                 f"increase padding or reduce size"
             )
-        top = _randint(0, padded_h - p.size + 1, n, generator, device)
-        left = _randint(0, padded_w - p.size + 1, n, generator, device)
+        top = integers(0, padded_h - p.size + 1, (n,), generator, device)
+        left = integers(0, padded_w - p.size + 1, (n,), generator, device)
         flip = _rand(n, generator, device) < p.flip_p
 
         padded = F.pad(x, (p.padding,) * 4)

@@ -99,6 +99,26 @@ class BatchRandom:
         return self._rows(draw, size)
 
 
+# A plain generator (standalone use) or a process's share of a global batch's random numbers (training).
+RandomSource = torch.Generator | BatchRandom
+
+
+def uniform(
+    size: tuple[int, ...], source: RandomSource | None, device: torch.device, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Uniform [0, 1) numbers from either kind of source (a BatchRandom keeps this process's rows)."""
+    if isinstance(source, BatchRandom):
+        return source.rand(size, dtype=dtype)
+    return torch.rand(size, generator=source, device=device, dtype=dtype)
+
+
+def integers(low: int, high: int, size: tuple[int, ...], source: RandomSource, device: torch.device) -> torch.Tensor:
+    """Integers in [low, high) from either kind of source."""
+    if isinstance(source, BatchRandom):
+        return source.randint(low, high, size)
+    return torch.randint(low, high, size, generator=source, device=device)
+
+
 def batch_random(
     seed: int, step: int, micro: int, device: torch.device, local: int, process_index: int = 0, num_processes: int = 1
 ) -> BatchRandom:

@@ -18,10 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from robustcl.data.batches import BatchRandom
-
-# A plain generator (standalone use) or a process's share of a global batch's random numbers (training).
-RandomSource = torch.Generator | BatchRandom
+from robustcl.data.batches import RandomSource, uniform
 
 __all__ = [
     "adjust_brightness",
@@ -56,16 +53,7 @@ def _check_generator(generator: RandomSource, device: torch.device | str) -> Non
 
 
 def _rand(n: int | tuple[int, ...], generator: RandomSource, device: torch.device) -> Tensor:
-    size = (n,) if isinstance(n, int) else n
-    if isinstance(generator, BatchRandom):  # training: this process's rows of the global batch's draw
-        return generator.rand(size)
-    return torch.rand(size, generator=generator, device=device, dtype=torch.float32)
-
-
-def _randint(low: int, high: int, n: int, generator: RandomSource, device: torch.device) -> Tensor:
-    if isinstance(generator, BatchRandom):
-        return generator.randint(low, high, (n,))
-    return torch.randint(low, high, (n,), generator=generator, device=device)
+    return uniform((n,) if isinstance(n, int) else n, generator, device)
 
 
 def _per_sample(factor: Tensor | float, x: Tensor) -> Tensor:

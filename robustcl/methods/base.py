@@ -81,9 +81,10 @@ class Method(nn.Module):
     ``setup(run)`` runs once before training (and before a checkpoint is restored): it loads what the method needs
     from outside its weights (a teacher, pseudo-labels) and reads the schedule lengths.
 
-    ``forward(images, generator, indices, step)`` takes a uint8 batch [N, C, H, W] on the device, the micro-batch's
-    random generator, the images' dataset indices and the 0-based optimizer step; it builds the method's views and
-    attacks, and returns ``(loss, metrics)`` where metrics are detached scalar tensors (no host syncs in the step).
+    ``forward(images, generator, indices, step)`` takes a uint8 batch [N, C, H, W] on the device, the process's
+    share of the micro-batch's random numbers (:class:`BatchRandom`), the images' dataset indices and the 0-based
+    optimizer step; it builds the method's views and attacks, and returns ``(loss, metrics)`` where metrics are
+    detached scalar tensors (no host syncs in the step).
     """
 
     encoder: RobustCLResNetModel
