@@ -23,6 +23,23 @@ def module_mode(module: nn.Module, train: bool) -> Iterator[nn.Module]:
             m.training = flag
 
 
+@contextmanager
+def frozen_parameters(module: nn.Module) -> Iterator[nn.Module]:
+    """``requires_grad`` off for ``module``'s parameters while attacking, then back on for those that had it.
+
+    Eager autograd already skips the weight gradients when only the input's is asked for; a compiled module does
+    not (its backward graph is fixed at trace time and computes every gradient its inputs require). Frozen, the
+    attack's passes get their own input-only graphs: a backward pass about half as expensive."""
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)
+
+
 def pgd_attack(
     loss_fn: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,

@@ -39,23 +39,22 @@ class LARS(torch.optim.Optimizer):
                 continue
             grads = [p.grad for p in params]
             wd, eta = group["weight_decay"], group["trust_coefficient"]
-            w_norms = torch._foreach_norm(params)
-            g_norms = torch._foreach_norm(grads)
+            # Every parameter's trust ratio in a handful of kernels over the stacked norms (no per-tensor loop).
+            w_norms = torch.stack(torch._foreach_norm(params))
+            g_norms = torch.stack(torch._foreach_norm(grads))
             updates = torch._foreach_add(grads, params, alpha=wd) if wd else [g.clone() for g in grads]
-            scales = []
-            for w_norm, g_norm in zip(w_norms, g_norms):
-                local = eta * w_norm / (g_norm + wd * w_norm)
-                ok = (w_norm >= 1e-15) & (g_norm >= 1e-15)
-                scales.append(torch.where(ok, local, torch.ones_like(local)) * group["lr"])
-            torch._foreach_mul_(updates, scales)
-            bufs = []
-            for p, u in zip(params, updates):
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = u
-                else:
-                    state["momentum_buffer"].mul_(group["momentum"]).add_(u)
-                bufs.append(state["momentum_buffer"])
+            local = eta * w_norms / (g_norms + wd * w_norms)
+            ok = (w_norms >= 1e-15) & (g_norms >= 1e-15)
+            scales = torch.where(ok, local, torch.ones_like(local)) * group["lr"]
+            torch._foreach_mul_(updates, list(scales.unbind()))
+            bufs = [self.state[p].get("momentum_buffer") for p in params]
+            held = [i for i, buf in enumerate(bufs) if buf is not None]
+            if held:
+                torch._foreach_mul_([bufs[i] for i in held], group["momentum"])
+                torch._foreach_add_([bufs[i] for i in held], [updates[i] for i in held])
+            for i, buf in enumerate(bufs):
+                if buf is None:  # a parameter's first update starts its buffer
+                    self.state[params[i]]["momentum_buffer"] = bufs[i] = updates[i]
             torch._foreach_sub_(params, bufs)
         return loss
 

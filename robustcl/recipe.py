@@ -185,6 +185,11 @@ class AttackConfig(Section):
     steps: int = Field(5, ge=0, description="PGD iterations")
     random_start: bool = Field(True, description="uniform random start inside the ε-ball")
     bn_mode: Literal["eval", "train"] = Field("eval", description="BN mode of the model while attacking")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto",
+        description="auto: as training.precision; fp32: full precision even under mixed-precision training; "
+        "bf16: the attack's passes under bf16 autocast (the perturbation stays fp32)",
+    )
 
 
 class OptimizerConfig(Section):
@@ -230,6 +235,16 @@ class TrainingConfig(Section):
         "methods (acl, simclr, advcl, dynacl), off for deacl",
     )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field("auto", description="auto: bf16 on GPU, fp32 on CPU")
+    compile: bool | None = Field(None, description="torch.compile the encoder; null: on for GPU, off for CPU")
+    channels_last: bool | None = Field(
+        None, description="channels-last memory format for the convolutions; null: on for GPU, off for CPU"
+    )
+    data_placement: Literal["auto", "device", "stream"] = Field(
+        "auto",
+        description="device: the decoded uint8 dataset lives on the training device; stream: it stays in (pinned) "
+        "host memory and each batch is gathered and copied ahead in a background thread; auto: device when it "
+        "takes at most a quarter of the free device memory",
+    )
     checkpoint_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints kept in the run directory")
     seed: int = Field(0, description="seed for initialisation, data order, augmentation and attack starts")
@@ -364,9 +379,15 @@ def _represent_list(dumper: yaml.SafeDumper, data: list[Any]) -> yaml.Node:
 _RecipeDumper.add_representer(list, _represent_list)
 
 
-# Keys that may change between a run and its resumption: the training length, and the evaluation
-# and export settings (they do not touch the weights).
-RESUMABLE_CHANGES = {("training", "epochs"), ("training", "max_steps")}
+# Keys that may change between a run and its resumption: the training length, settings that change speed but not
+# what a step computes (a run may move to another machine), and the evaluation and export settings.
+RESUMABLE_CHANGES = {
+    ("training", "epochs"),
+    ("training", "max_steps"),
+    ("training", "compile"),
+    ("training", "channels_last"),
+    ("training", "data_placement"),
+}
 RESUMABLE_SECTIONS = {"eval", "export"}
 
 

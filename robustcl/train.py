@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .collectives import check_replicas_identical, convert_sync_batchnorm
 from .data.batches import EpochBatches, batch_random
 from .data.loading import load_pretraining_images
+from .data.placement import ImageFeed, image_feed
 from .deepspeed_support import configure_deepspeed, deepspeed_requested, zero_stage
 from .distributed import check_world_size
 from .errors import UserError
@@ -115,8 +116,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         raise UserError(
             f"output directory holds a run with a different recipe (differs in: {', '.join(diffs)})",
             str(run_dir / RECIPE_FILE),
-            "use the run's own recipe (only training.epochs / training.max_steps and the eval / export sections "
-            "may change) or a new --output-dir",
+            "use the run's own recipe (only the training length, training.compile / channels_last / "
+            "data_placement and the eval / export sections may change) or a new --output-dir",
         )
 
 
@@ -171,7 +172,7 @@ class Session:
     scheduler: Any
     plan: BatchPlan
     batches: EpochBatches
-    images: torch.Tensor
+    feed: ImageFeed  # the micro-batches' images, on the device
     total_steps: int
     step: int
     compute: dict[str, Any]
@@ -197,8 +198,7 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
         len(data.images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
-    # The whole uint8 dataset lives on the training device: batches are gathered there, no host copies per step.
-    images = data.images.to(accelerator.device)
+    feed = image_feed(data.images, batches, accelerator.device, t.data_placement)
 
     method = build_method(recipe)
     # Before the checkpoint is restored and before DDP wraps the method: a teacher or pseudo-labels come from
@@ -211,6 +211,7 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
     sync_bn = plan.processes > 1 and (t.sync_batchnorm if t.sync_batchnorm is not None else type(method).contrastive)
     if sync_bn:
         convert_sync_batchnorm(method)  # same parameters and buffers: checkpoints and exports are unchanged
+    speed = apply_speed_settings(method, t, accelerator.device)
     lr = recipe.optimizer.peak_lr(t.batch_size)
     # Frozen parameters (DynACL's moving-average encoder) are updated by the method itself, not the optimizer.
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], recipe.optimizer, lr)
@@ -222,7 +223,8 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
     # step it once per process) and checkpoint its state ourselves.
     accelerator.print(
         f"robustcl: {plan.describe()}; peak lr {lr:g} (optimizer.lr_scaling {recipe.optimizer.lr_scaling}); "
-        f"SyncBN {'on' if sync_bn else 'off'}"
+        f"SyncBN {'on' if sync_bn else 'off'}; data {'on the device' if feed.placement == 'device' else 'streamed'}"
+        f"{'; ' + speed if speed else ''}"
     )
     step = 0
     compute: dict[str, Any] = {"images_seen": 0, "wall_time_s": 0.0, "hardware": []}
@@ -236,9 +238,29 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
     compute["hardware"] = list(dict.fromkeys([*compute["hardware"], hardware_description(accelerator)]))
     compute["dataset_images"] = len(data.images)
     return Session(
-        recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, images, total_steps, step,
+        recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, feed, total_steps, step,
         compute, sync_bn,
     )  # fmt: skip
+
+
+def apply_speed_settings(method: Method, t: TrainingConfig, device: torch.device) -> str:
+    """channels_last and torch.compile of the encoder (null: on for GPUs); returns what was switched on. Both keep the
+    parameter names, so checkpoints and exports do not depend on them."""
+    on_gpu = device.type == "cuda"
+    done = []
+    if on_gpu:
+        # TF32 for fp32 matmuls and convolutions (the attack's fp32 passes, evaluation): bf16-level speed, fp32 range.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    if t.channels_last if t.channels_last is not None else on_gpu:
+        method.to(memory_format=torch.channels_last)
+        done.append("channels_last")
+    if t.compile if t.compile is not None else on_gpu:
+        # In place: the state dict keeps its names. BN branch and train/eval mode are guarded (a few graphs).
+        method.encoder.compile()
+        done.append("torch.compile(encoder)")
+    return " + ".join(done)
 
 
 def _has_frozen(method: Method) -> bool:
@@ -254,8 +276,7 @@ def accumulate_gradients(session: Session, step: int) -> dict[str, torch.Tensor]
     accelerator, plan = s.accelerator, s.plan
     totals: dict[str, torch.Tensor] = {}
     for micro in range(plan.accumulation):
-        indices = s.batches.indices(step, micro).to(s.images.device)
-        batch = s.images.index_select(0, indices)
+        batch, indices = s.feed.batch(step, micro)
         random = batch_random(
             t.seed, step, micro, accelerator.device, plan.micro_batch, accelerator.process_index, plan.processes
         )
@@ -269,12 +290,21 @@ def accumulate_gradients(session: Session, step: int) -> dict[str, torch.Tensor]
     return totals
 
 
+def train_step(session: Session, step: int) -> dict[str, torch.Tensor]:
+    """Optimizer step ``step`` (0-based): every micro-batch's forward and backward, the update, the schedule."""
+    metrics = accumulate_gradients(session, step)
+    session.optimizer.step()
+    session.scheduler.step()
+    session.optimizer.zero_grad(set_to_none=True)
+    return metrics
+
+
 def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export, and evaluate when
     ``eval.after_pretrain``."""
     session = open_session(recipe, run_dir, resume)
     run_dir, accelerator, t = session.run_dir, session.accelerator, recipe.training
-    model, optimizer, scheduler, batches = session.model, session.optimizer, session.scheduler, session.batches
+    model, scheduler, batches = session.model, session.scheduler, session.batches
     total_steps, step, compute = session.total_steps, session.step, session.compute
     if accelerator.is_main_process:
         accelerator.init_trackers("robustcl", config={"recipe": recipe.to_yaml()})
@@ -294,11 +324,8 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     last_loss = float("nan")
     model.train()
     while step < total_steps:
-        for name, value in accumulate_gradients(session, step).items():
+        for name, value in train_step(session, step).items():
             window_loss[name] = window_loss.get(name, 0) + value
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         step += 1
         window_steps += 1
 
@@ -339,6 +366,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
             train_state = {"step": step, "scheduler": scheduler.state_dict(), "compute": so_far}
             save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
     bar.close()
+    session.feed.close()
     wall = time.perf_counter() - started
 
     summary = RunSummary(

@@ -27,6 +27,8 @@ from robustcl.data.color import (
     rgb_to_grayscale,
     rgb_to_hsv,
 )
+from robustcl.methods.views import simclr_augment
+from robustcl.recipe import Recipe
 
 ACL = SimCLRAugmentParams(size=32, crop_scale=(0.1, 1.0))
 
@@ -417,3 +419,90 @@ def test_weak_augment_no_padding_no_flip_is_identity() -> None:
     assert torch.equal(out, x.float() / 255.0)
     with pytest.raises(ValueError, match="larger than the padded image"):
         WeakAugment(WeakAugmentParams(size=48))(x, gen(0))
+
+
+# ------------------------------------------------------------------------------------------------
+# crop distribution as configured, the recipe key, per-sample parameters
+
+
+def ks_uniform(values: torch.Tensor, low: float, high: float) -> float:
+    """Kolmogorov–Smirnov statistic of ``values`` against Uniform(low, high)."""
+    s = values.double().sort().values
+    n = s.numel()
+    cdf = ((s - low) / (high - low)).clamp(0, 1)
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return torch.maximum(i / n - cdf, cdf - (i - 1) / n).max().item()
+
+
+def test_crop_area_fraction_is_uniform_on_the_configured_scale() -> None:
+    # square crops (ratio 1) never leave a square image, so no attempt is rejected and the area fraction is
+    # exactly the uniform draw, up to rounding the side to whole pixels (±0.2 % on a 1024-pixel image)
+    n, size = 20_000, 1024
+    boxes = sample_resized_crop_boxes(n, size, size, (0.3, 0.9), (1.0, 1.0), gen(21), "cpu")
+    top, left, h, w = boxes.unbind(1)
+    assert torch.equal(h, w) and (top + h <= size).all() and (left + w <= size).all()
+    frac = (h * w).double() / size**2
+    assert frac.min() >= 0.3 - 0.01 and frac.max() <= 0.9 + 0.01
+    assert abs(frac.mean().item() - 0.6) < 0.01
+    # the 1 % critical value for n = 20 000 is 0.0115; an area range off by 0.02 at one end gives ~0.035
+    assert ks_uniform(frac, 0.3, 0.9) < 0.02
+
+
+def test_crop_log_aspect_ratio_within_range_and_symmetric() -> None:
+    n, size = 20_000, 1024
+    boxes = sample_resized_crop_boxes(n, size, size, (0.3, 0.9), (3 / 4, 4 / 3), gen(22), "cpu")
+    _, _, h, w = boxes.unbind(1)
+    log_ratio = (w.double() / h.double()).log()
+    # sides of ≥ 470 pixels: rounding moves the log-ratio by < 0.005
+    assert log_ratio.min() >= math.log(3 / 4) - 0.005 and log_ratio.max() <= math.log(4 / 3) + 0.005
+    # log-uniform in [3/4, 4/3] is symmetric about ratio 1, and so are the rejections of too-wide / too-tall
+    # crops; the standard error of the mean is ~0.001
+    assert abs(log_ratio.mean().item()) < 0.01
+    assert log_ratio.std().item() > 0.12  # spread over the range (uniform: 0.166), not collapsed to square
+    assert (log_ratio > 0.2).float().mean() > 0.05 and (log_ratio < -0.2).float().mean() > 0.05
+
+
+def test_recipe_crop_scale_drives_simclr_augment() -> None:
+    recipe = Recipe.model_validate({"augment": {"crop_scale": [0.3, 0.9]}, "data": {"resolution": 24}})
+    aug = simclr_augment(recipe)
+    assert aug.params.crop_scale == (0.3, 0.9)
+    assert aug.params == SimCLRAugmentParams(size=24, crop_scale=(0.3, 0.9))  # every other key at its default
+    # DynACL's weakening moves only the lower bound towards 1: 1 - (1 - 0.3) * 0.5
+    assert simclr_augment(recipe, 0.5).params.crop_scale == pytest.approx((0.65, 0.9))
+    # and the views follow it: same seed, another scale, other crops
+    x = images_u8(n=8)
+    default = simclr_augment(Recipe.model_validate({"data": {"resolution": 24}}))
+    assert default.params.crop_scale == (0.08, 1.0)
+    assert torch.equal(aug(x, gen(4)), SimCLRAugment(SimCLRAugmentParams(size=24, crop_scale=(0.3, 0.9)))(x, gen(4)))
+    assert not torch.allclose(aug(x, gen(4)), default(x, gen(4)))
+
+
+def test_crop_alone_differs_per_sample() -> None:
+    x = images_u8(n=1).expand(16, -1, -1, -1).contiguous()
+    crop_only = SimCLRAugmentParams(size=32, crop_scale=(0.1, 1.0), flip_p=0.0, jitter_p=0.0, grayscale_p=0.0)
+    out = SimCLRAugment(crop_only)(x, gen(5)).flatten(1)
+    dist = torch.cdist(out, out)
+    assert dist[~torch.eye(16, dtype=torch.bool)].min() > 1e-3
+
+
+def test_flip_alone_mirrors_about_half_the_samples() -> None:
+    n = 2000
+    x = images_u8(n=1, h=16, w=16).expand(n, -1, -1, -1).contiguous()
+    src = x[0].float() / 255.0
+    assert (src - src.flip(-1)).abs().max() > 0.1  # the image is not its own mirror
+    out = SimCLRAugment(no_op_params(size=16, flip_p=0.5))(x, gen(6))
+    as_is = (out - src).flatten(1).abs().amax(1) < 1e-5
+    mirrored = (out - src.flip(-1)).flatten(1).abs().amax(1) < 1e-5
+    assert (as_is ^ mirrored).all()  # every output is exactly one of the two
+    assert 0.4 < mirrored.float().mean().item() < 0.6
+
+
+def test_grayscale_alone_greys_about_its_probability() -> None:
+    n = 2000
+    x = images_u8(n=1, h=16, w=16).expand(n, -1, -1, -1).contiguous()
+    src = x[0].float() / 255.0
+    out = SimCLRAugment(no_op_params(size=16, grayscale_p=0.3))(x, gen(7))
+    grey = (out[:, 0] == out[:, 1]).flatten(1).all(1) & (out[:, 1] == out[:, 2]).flatten(1).all(1)
+    assert 0.25 < grey.float().mean().item() < 0.35
+    assert (out[grey] - rgb_to_grayscale(src[None], 3)).abs().max() < 1e-5
+    assert (out[~grey] - src).abs().max() < 1e-5  # the others are untouched (and the input is not grey)

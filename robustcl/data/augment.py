@@ -297,7 +297,9 @@ def resized_crop(
     flip = None if flip_mask is None else flip_mask.to(device=images_float.device, dtype=torch.bool)
     wy = _resample_matrix(top, h, height, size, interpolation, None).to(images_float.dtype)
     wx = _resample_matrix(left, w, width, size, interpolation, flip).to(images_float.dtype)
-    out = torch.matmul(torch.matmul(wy[:, None], images_float), wx.transpose(1, 2)[:, None])
+    # Views are pixels, not activations: under a mixed-precision step they stay in the input's precision.
+    with torch.autocast(images_float.device.type, enabled=False):
+        out = torch.matmul(torch.matmul(wy[:, None], images_float), wx.transpose(1, 2)[:, None])
     return out.clamp(0.0, 1.0)
 
 

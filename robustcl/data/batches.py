@@ -41,20 +41,30 @@ class EpochBatches:
         self.num_processes, self.process_index, self.grad_accum = num_processes, process_index, grad_accum
         self.micro_batch = global_batch // parts
         self.steps_per_epoch = num_images // global_batch
-        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+        # (epoch, permutation), replaced as one object: the streaming loader asks from its prefetch thread too.
+        self._cached: tuple[int, torch.Tensor] = (-1, torch.empty(0, dtype=torch.long))
 
     def epoch_of(self, step: int) -> int:
         return step // self.steps_per_epoch
 
-    def indices(self, step: int, micro: int = 0) -> torch.Tensor:
-        """Dataset indices for this process's ``micro``-th micro-batch of optimizer step ``step`` (0-based)."""
-        epoch = self.epoch_of(step)
-        if epoch != self._epoch:
+    def permutation(self, epoch: int) -> torch.Tensor:
+        """The dataset order of ``epoch`` (CPU, the same on every process and device)."""
+        cached = self._cached
+        if cached[0] != epoch:
             g = torch.Generator().manual_seed(hash((self.seed, epoch)) & 0x7FFF_FFFF_FFFF_FFFF)
-            self._epoch, self._perm = epoch, torch.randperm(self.num_images, generator=g)
+            cached = self._cached = (epoch, torch.randperm(self.num_images, generator=g))
+        return cached[1]
+
+    def span(self, step: int, micro: int = 0) -> tuple[int, int, int]:
+        """(epoch, start, stop): where this process's micro-batch lies in its epoch's permutation."""
         start = (step % self.steps_per_epoch) * self.global_batch
         start += (micro * self.num_processes + self.process_index) * self.micro_batch
-        return self._perm[start : start + self.micro_batch]
+        return self.epoch_of(step), start, start + self.micro_batch
+
+    def indices(self, step: int, micro: int = 0) -> torch.Tensor:
+        """Dataset indices for this process's ``micro``-th micro-batch of optimizer step ``step`` (0-based)."""
+        epoch, start, stop = self.span(step, micro)
+        return self.permutation(epoch)[start:stop]
 
 
 class BatchRandom:

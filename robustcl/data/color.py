@@ -131,7 +131,7 @@ def hsv_to_rgb(x: Tensor) -> Tensor:
     n = 5, 3, 1 for R, G, B, which equals torchvision's six-sector table but needs no per-sector stacks.
     """
     h, s, v = x.split(1, dim=-3)
-    n = torch.tensor([5.0, 3.0, 1.0], dtype=x.dtype, device=x.device).view(3, 1, 1)
+    n = torch.arange(5.0, 0.0, -2.0, dtype=x.dtype, device=x.device).view(3, 1, 1)  # made on the device: no copy
     k = torch.remainder(n + h * 6.0, 6.0)
     ramp = torch.minimum(k, 4.0 - k).clamp(0.0, 1.0)
     return (v - v * s * ramp).clamp(0.0, 1.0)

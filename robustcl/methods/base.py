@@ -4,6 +4,7 @@ calls."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
@@ -11,13 +12,24 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..attacks import module_mode, pgd_attack
+from ..attacks import frozen_parameters, module_mode, pgd_attack
 from ..data.batches import BatchRandom
 from ..models import RobustCLResNetConfig, RobustCLResNetModel
 from ..recipe import ModelConfig, Recipe
 
 if TYPE_CHECKING:
     from accelerate import Accelerator
+
+
+def attack_precision(precision: str, device: torch.device) -> AbstractContextManager:
+    """The autocast the attack's passes run under: ``auto`` inherits the training step's (bf16 under mixed
+    precision), ``fp32`` turns it off, ``bf16`` turns it on. The perturbation itself is always fp32: autocast casts
+    the passes' inputs, and the gradient comes back in the perturbation's dtype."""
+    if precision == "auto":
+        return nullcontext()
+    if precision == "fp32":
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def encoder_config(cfg: ModelConfig, bn_branches: list[str]) -> RobustCLResNetConfig:
@@ -112,6 +124,19 @@ class Method(nn.Module):
         """The training objective in one line (model cards)."""
         raise NotImplementedError
 
+    def networks(self) -> list[nn.Module]:
+        """Every network a training step calls: the method's own (encoder, heads; module containers opened) and any
+        kept outside its weights (DeACL's teacher). The throughput benchmark times their passes alone."""
+        nets: list[nn.Module] = []
+        for child in self.children():
+            if isinstance(child, nn.ModuleDict):
+                nets.extend(child.values())
+            elif isinstance(child, nn.ModuleList):
+                nets.extend(child)
+            else:
+                nets.append(child)
+        return nets
+
     def attack(
         self,
         loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -120,9 +145,14 @@ class Method(nn.Module):
         module: nn.Module | None = None,
     ) -> torch.Tensor:
         """PGD on ``loss_fn`` around ``x`` with the recipe's attack, ``module`` (default: the whole method) in the
-        recipe's BN mode (attack.bn_mode) for the duration of the attack."""
+        recipe's BN mode (attack.bn_mode) and precision (attack.precision) for the duration of the attack."""
         a = self.recipe.attack
-        with module_mode(module if module is not None else self, train=a.bn_mode == "train"):
+        attacked = module if module is not None else self
+        with (
+            module_mode(attacked, train=a.bn_mode == "train"),
+            frozen_parameters(attacked),
+            attack_precision(a.precision, x.device),
+        ):
             return pgd_attack(
                 loss_fn,
                 x,

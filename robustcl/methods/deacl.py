@@ -58,6 +58,9 @@ class DeACL(Method):
             raise RuntimeError("DeACL.setup(run) must be called before training (it loads the teacher)")
         return self._teacher[0]
 
+    def networks(self) -> list[nn.Module]:
+        return [*super().networks(), self.teacher]
+
     def setup(self, run: TrainingRun) -> None:
         super().setup(run)
         teacher = run.encoder(self.opts.teacher, self.opts.teacher_revision).to(run.device).eval().requires_grad_(False)

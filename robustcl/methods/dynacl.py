@@ -86,9 +86,10 @@ class DynACL(ACL):
 
     @torch.no_grad()
     def _update_momentum(self) -> None:
-        for online, ema in ((self.encoder, self.momentum_encoder), (self.projector, self.momentum_projector)):
-            for p, q in zip(online.parameters(), ema.parameters()):
-                q.mul_(self.momentum).add_(p.detach(), alpha=1 - self.momentum)
+        online = [*self.encoder.parameters(), *self.projector.parameters()]
+        ema = [*self.momentum_encoder.parameters(), *self.momentum_projector.parameters()]
+        torch._foreach_mul_(ema, self.momentum)
+        torch._foreach_add_(ema, [p.detach() for p in online], alpha=1 - self.momentum)
 
     def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         views = self.views(images, generator, step)
@@ -103,6 +104,7 @@ class DynACL(ACL):
         w = self.adversarial_weight(step)
         loss = 0.5 * ((2 - w) * loss_clean + w * loss_adv)
         metrics = {"loss_clean": loss_clean.detach(), "loss_adv": loss_adv.detach()}
-        metrics["adv_weight"] = torch.tensor(w, device=loss.device)
-        metrics["strength"] = torch.tensor(self.strength(step), device=loss.device)
+        # torch.full writes on the device; torch.tensor would copy from the host and wait for the queued step.
+        metrics["adv_weight"] = torch.full((), w, device=loss.device)
+        metrics["strength"] = torch.full((), self.strength(step), device=loss.device)
         return loss, metrics
