@@ -51,7 +51,7 @@ from robustcl.step_profile import (
     synchronize,
     timed_methods,
 )
-from robustcl.train import open_session, train_step
+from robustcl.train import Session, open_session, train_step
 
 PHASES = {
     "augmentation": [(SimCLRAugment, "__call__"), (WeakAugment, "__call__")],
@@ -66,6 +66,16 @@ def cpu_name() -> str:
             if line.startswith("model name"):
                 return line.split(":", 1)[1].strip()
     return f"CPU ({platform.machine()})"
+
+
+def timed_step(session: Session, step: int) -> float:
+    """Seconds of one training step, the device synchronised before and after."""
+    device = session.accelerator.device
+    synchronize(device)
+    start = time.perf_counter()
+    train_step(session, step)
+    synchronize(device)
+    return time.perf_counter() - start
 
 
 def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, phase_steps: int) -> dict:
@@ -94,11 +104,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, pha
         passes = [c.freeze() for c in calls]
         times, alone = [], []
         for _ in tqdm(range(steps), desc="timed", unit="step", leave=False):
-            synchronize(device)
-            start = time.perf_counter()
-            train_step(session, step)
-            synchronize(device)
-            times.append(time.perf_counter() - start)
+            times.append(timed_step(session, step))
             step += 1
             alone.append(replay_passes(networks, passes, device))
         memory, memory_kind = peak_memory_mib(device)
@@ -107,11 +113,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, pha
         with timed_methods(PHASES, device) as phase_totals:
             phase_times = []
             for _ in range(phase_steps):
-                synchronize(device)
-                start = time.perf_counter()
-                train_step(session, step)
-                synchronize(device)
-                phase_times.append(time.perf_counter() - start)
+                phase_times.append(timed_step(session, step))
                 step += 1
         phase_share = {k: v / sum(phase_times) for k, v in phase_totals.items()}
 
