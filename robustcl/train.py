@@ -249,7 +249,7 @@ def apply_speed_settings(method: Method, t: TrainingConfig, device: torch.device
     on_gpu = device.type == "cuda"
     done = []
     if on_gpu:
-        # TF32 for fp32 matmuls and convolutions (the attack's fp32 passes, evaluation): bf16-level speed, fp32 range.
+        # TF32 for fp32 matmuls and convolutions (fp32 attacks, evaluation): tensor cores with fp32 range.
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
