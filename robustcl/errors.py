@@ -26,3 +26,9 @@ class RemoteError(UserError):
     """A remote service (the Hub) failed; the input was fine and the same command may succeed later. Exit code 1."""
 
     exit_code = 1
+
+
+class StorageError(UserError):
+    """The disk refused a write (full, read-only, quota); nothing written earlier was lost. Exit code 1."""
+
+    exit_code = 1

@@ -3,15 +3,19 @@
 Layout::
 
     RUN_DIR/recipe.yaml                 resolved recipe of the run
-    RUN_DIR/checkpoints/step-00000100/  one complete `accelerator.save_state` folder + COMPLETE marker
+    RUN_DIR/checkpoints/step-00000100/  one complete `accelerator.save_state` folder + COMPLETE marker, which
+                                        lists every file's size and SHA-256 (checked before a checkpoint is used)
     RUN_DIR/metrics.jsonl, summary.json, logs/, encoder/
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import shutil
+import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -22,7 +26,7 @@ from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from .deepspeed_support import safe_checkpoint_loading, uses_deepspeed
-from .errors import UserError
+from .errors import StorageError, UserError
 from .export_layout import WEIGHTS_FILE
 from .recipe import Recipe, recipe_from_dict
 
@@ -50,9 +54,51 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(_PREFIX)))
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    found = complete_checkpoints(run_dir)
-    return found[-1] if found else None
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _file_records(folder: Path) -> dict[str, dict[str, Any]]:
+    """Size and SHA-256 of every file in a checkpoint folder (the marker aside), each flushed to the disk first."""
+    records = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE_MARKER):
+        with path.open("rb") as f:
+            os.fsync(f.fileno())
+        records[path.relative_to(folder).as_posix()] = {"bytes": path.stat().st_size, "sha256": _sha256(path)}
+    return records
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """Why ``checkpoint`` cannot be trusted (a file missing, truncated or changed since it was written), or None."""
+    try:
+        files = json.loads((checkpoint / COMPLETE_MARKER).read_text()).get("files", {})
+    except (OSError, ValueError, AttributeError):
+        return f"its {COMPLETE_MARKER} marker is unreadable"
+    for name, want in files.items():
+        path = checkpoint / name
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != want["bytes"]:
+            return f"{name} has {path.stat().st_size} bytes, {want['bytes']} were written"
+        if _sha256(path) != want["sha256"]:
+            return f"{name} does not match the checksum it was written with"
+    return None
+
+
+def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
+    """The newest complete checkpoint whose files match their checksums; damaged newer ones are skipped (and
+    reported on stderr when ``warn``)."""
+    for checkpoint in reversed(complete_checkpoints(run_dir)):
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        if warn:
+            print(f"robustcl: warning: skipping damaged checkpoint {checkpoint}: {problem}", file=sys.stderr)
+    return None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -63,13 +109,30 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+# How a failed write surfaces besides OSError: torch.save's RuntimeError, safetensors' own error (Rust io errors).
+_WRITE_FAILURES = ("No space left", "StorageFull", "os error 28", "Disk quota", "file write failed")
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    return isinstance(err, OSError) or any(text in str(err) for text in _WRITE_FAILURES)
+
+
+def _describe_write_failure(err: BaseException) -> str:
+    if getattr(err, "errno", None) == errno.ENOSPC or any(t in str(err) for t in ("No space left", "StorageFull")):
+        return "the disk is full"
+    return getattr(err, "strerror", None) or str(err).splitlines()[0]
+
+
 def save_checkpoint(
     accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, step: int, keep: int, train_state: dict[str, Any]
 ) -> Path:
     """Write the full training state for ``step`` into a temporary folder, then rename it into place.
 
     A run killed at any moment leaves either the previous checkpoints or the new complete one, never a
-    half-written folder that resume would pick up. Called on every process (each saves its RNG state).
+    half-written folder that resume would pick up. Every file is flushed to the disk and recorded with its size and
+    SHA-256 in the marker, so later damage is detected. Older checkpoints beyond ``keep`` are deleted only once the
+    new one is in place. A failed write (disk full) removes the partial folder, leaves every earlier checkpoint as
+    it was and raises :class:`StorageError`. Called on every process (each saves its RNG state).
     ``train_state`` (counters, scheduler state) is stored as JSON: Accelerate's custom-object pickles load
     with ``weights_only=False``, which we never do.
     """
@@ -80,22 +143,35 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp), safe_serialization=True)
-    if uses_deepspeed(accelerator):
-        # DeepSpeed writes its own engine files (.pt): the full weights go beside them as safetensors, for export
-        # and evaluation. Every process takes part in gathering them (ZeRO-3: process 0 receives them).
-        state = accelerator.get_state_dict(model)
+    try:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if uses_deepspeed(accelerator):
+            # DeepSpeed writes its own engine files (.pt): the full weights go beside them as safetensors, for
+            # export and evaluation. Every process takes part in gathering them (ZeRO-3: process 0 receives them).
+            state = accelerator.get_state_dict(model)
+            if accelerator.is_main_process:
+                save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
+        accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
-    accelerator.wait_for_everyone()
+            (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
+            marker = tmp / COMPLETE_MARKER
+            with marker.open("w") as f:
+                json.dump({"step": step, "files": _file_records(tmp)}, f)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+    except Exception as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_write_failure(err):
+            raise
+        previous = latest_checkpoint(run_dir, warn=False)
+        kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint existed"
+        raise StorageError(
+            f"could not write the checkpoint of step {step}: {_describe_write_failure(err)}; {kept}",
+            str(final),
+            "free some space and run the same command again: it resumes from the last checkpoint",
+        ) from err
     if accelerator.is_main_process:
-        (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
-        marker = tmp / COMPLETE_MARKER
-        with marker.open("w") as f:
-            json.dump({"step": step}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_dir(tmp)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -26,7 +26,14 @@ from .export import export_run
 from .methods import Method, TrainingRun, build_method
 from .optim import build_optimizer, build_scheduler
 from .recipe import Recipe, TrainingConfig, recipe_differences
-from .run_dir import RECIPE_FILE, latest_checkpoint, load_checkpoint, read_run_recipe, save_checkpoint
+from .run_dir import (
+    RECIPE_FILE,
+    complete_checkpoints,
+    latest_checkpoint,
+    load_checkpoint,
+    read_run_recipe,
+    save_checkpoint,
+)
 
 ENCODER_DIR = "encoder"
 METRICS_FILE = "metrics.jsonl"
@@ -96,7 +103,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
 def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
     """Refuse to mix runs: an existing run dir must hold the same recipe (training length aside)."""
     previous = read_run_recipe(run_dir)
-    has_checkpoint = latest_checkpoint(run_dir) is not None
+    has_checkpoint = bool(complete_checkpoints(run_dir))
     if previous is None:
         if run_dir.exists() and any(run_dir.iterdir()):
             raise UserError(
@@ -228,7 +235,7 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
     )
     step = 0
     compute: dict[str, Any] = {"images_seen": 0, "wall_time_s": 0.0, "hardware": []}
-    checkpoint = latest_checkpoint(run_dir) if resume else None
+    checkpoint = latest_checkpoint(run_dir, warn=accelerator.is_main_process) if resume else None
     if checkpoint is not None:
         train_state = load_checkpoint(accelerator, checkpoint)
         step = int(train_state["step"])
