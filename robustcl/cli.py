@@ -457,9 +457,15 @@ def _is_main_process() -> bool:
 
 def main() -> None:
     """Console entry point: user errors become one line on stderr and exit code 2; bugs keep their traceback."""
+    from .preemption import TrainingStopped
+
     try:
         app()
     except UserError as err:
         if _is_main_process():
             print(f"robustcl: error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
+    except TrainingStopped as stopped:
+        if _is_main_process():
+            print(f"robustcl: {stopped}", file=sys.stderr)
+        sys.exit(stopped.exit_code)

@@ -25,6 +25,7 @@ from .errors import UserError
 from .export import export_run
 from .methods import Method, TrainingRun, build_method
 from .optim import build_optimizer, build_scheduler
+from .preemption import StopOnSignal, TrainingStopped
 from .recipe import Recipe, TrainingConfig, recipe_differences
 from .run_dir import (
     RECIPE_FILE,
@@ -306,6 +307,17 @@ def train_step(session: Session, step: int) -> dict[str, torch.Tensor]:
     return metrics
 
 
+def _stop_agreed(stop: StopOnSignal, accelerator: Accelerator, step: int, every: int) -> bool:
+    """Whether to stop after ``step``. One process decides at every step; several agree at the logging steps (an
+    all-reduce there, where the step already synchronises), so all of them checkpoint the same step."""
+    if accelerator.num_processes == 1:
+        return stop.received is not None
+    if step % every:
+        return False
+    flag = torch.tensor([1.0 if stop.received else 0.0], device=accelerator.device)
+    return accelerator.reduce(flag, "sum").item() > 0
+
+
 def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export, and evaluate when
     ``eval.after_pretrain``."""
@@ -330,48 +342,57 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     window_steps, window_start = 0, time.perf_counter()
     last_loss = float("nan")
     model.train()
-    while step < total_steps:
-        for name, value in train_step(session, step).items():
-            window_loss[name] = window_loss.get(name, 0) + value
-        step += 1
-        window_steps += 1
+    with StopOnSignal() as stop:
+        while step < total_steps:
+            for name, value in train_step(session, step).items():
+                window_loss[name] = window_loss.get(name, 0) + value
+            step += 1
+            window_steps += 1
 
-        if step % recipe.logging.every_steps == 0 or step == total_steps:
-            reduced = {k: accelerator.reduce(v, "mean").item() / window_steps for k, v in window_loss.items()}
-            elapsed = time.perf_counter() - window_start
-            if not math.isfinite(reduced["loss"]):
-                raise FloatingPointError(f"loss is {reduced['loss']} at step {step}")
-            record = {
-                "step": step,
-                "epoch": batches.epoch_of(step - 1),
-                **reduced,
-                "lr": scheduler.get_last_lr()[0],
-                "images_per_s": window_steps * t.batch_size / max(elapsed, 1e-9),
-            }
-            last_loss = reduced["loss"]
-            if accelerator.is_main_process:
-                with metrics_path.open("a") as f:
-                    f.write(json.dumps(record) + "\n")
-                bar.set_postfix(
-                    loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}"
+            if step % recipe.logging.every_steps == 0 or step == total_steps:
+                reduced = {k: accelerator.reduce(v, "mean").item() / window_steps for k, v in window_loss.items()}
+                elapsed = time.perf_counter() - window_start
+                if not math.isfinite(reduced["loss"]):
+                    raise FloatingPointError(f"loss is {reduced['loss']} at step {step}")
+                record = {
+                    "step": step,
+                    "epoch": batches.epoch_of(step - 1),
+                    **reduced,
+                    "lr": scheduler.get_last_lr()[0],
+                    "images_per_s": window_steps * t.batch_size / max(elapsed, 1e-9),
+                }
+                last_loss = reduced["loss"]
+                if accelerator.is_main_process:
+                    with metrics_path.open("a") as f:
+                        f.write(json.dumps(record) + "\n")
+                    bar.set_postfix(
+                        loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}"
+                    )
+                accelerator.log(record, step=step)
+                window_loss, window_steps, window_start = {}, 0, time.perf_counter()
+            bar.update(1)
+            stopping = _stop_agreed(stop, accelerator, step, recipe.logging.every_steps)
+            every = t.checkpoint_every
+            if (every and step % every == 0) or step == total_steps or stopping:
+                # Totals over every session of the run: the model card reports the compute behind the weights.
+                so_far = {
+                    **compute,
+                    "images_seen": compute["images_seen"] + (step - start_step) * t.batch_size,
+                    "wall_time_s": compute["wall_time_s"] + time.perf_counter() - started,
+                }
+                # Without SyncBN each process keeps its own BN running statistics (DDP broadcasts process 0's);
+                # ZeRO-3 keeps only a partition of each parameter per process.
+                if zero_stage(accelerator) < 3:
+                    check_replicas_identical(session.method, buffers=session.sync_batchnorm)
+                train_state = {"step": step, "scheduler": scheduler.state_dict(), "compute": so_far}
+                checkpoint = save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
+            if stopping:
+                bar.close()
+                session.feed.close()
+                raise TrainingStopped(
+                    f"stopped by {stop.received or 'a signal to another process'} after step {step} of {total_steps}; "
+                    f"checkpoint {checkpoint} written — run the same command again to resume"
                 )
-            accelerator.log(record, step=step)
-            window_loss, window_steps, window_start = {}, 0, time.perf_counter()
-        bar.update(1)
-        every = t.checkpoint_every
-        if (every and step % every == 0) or step == total_steps:
-            # Totals over every session of the run: the model card reports the compute behind the weights.
-            so_far = {
-                **compute,
-                "images_seen": compute["images_seen"] + (step - start_step) * t.batch_size,
-                "wall_time_s": compute["wall_time_s"] + time.perf_counter() - started,
-            }
-            # Without SyncBN each process keeps its own BN running statistics (DDP broadcasts process 0's);
-            # ZeRO-3 keeps only a partition of each parameter per process.
-            if zero_stage(accelerator) < 3:
-                check_replicas_identical(session.method, buffers=session.sync_batchnorm)
-            train_state = {"step": step, "scheduler": scheduler.state_dict(), "compute": so_far}
-            save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
     bar.close()
     session.feed.close()
     wall = time.perf_counter() - started
