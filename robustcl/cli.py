@@ -442,6 +442,7 @@ def launch(
         typer.echo(f"robustcl: launching: {plan.shell()}")
         return
     launcher.check_hardware(gpus, cpu, deepspeed)
+    launcher.check_pretrain_batch(command or [], plan.processes, typer.main.get_command(app).commands["pretrain"])
     config = launcher.default_accelerate_config()
     if config is not None:
         typer.echo(f"robustcl: note: not using {config} (robustcl launch passes every setting itself)", err=True)
@@ -455,12 +456,35 @@ def _is_main_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def _click_errors() -> tuple[type[Exception], type[Exception]]:
+    """click's UsageError and ClickException, from whichever click Typer runs on (recent Typers carry their own)."""
+    classes = {cls.__name__: cls for cls in typer.BadParameter.__mro__}
+    return classes["UsageError"], classes["ClickException"]
+
+
 def main() -> None:
-    """Console entry point: user errors become one line on stderr and exit code 2; bugs keep their traceback."""
+    """Console entry point: user errors, command-line mistakes included, become one line on stderr and exit code 2;
+    bugs keep their traceback."""
     from .preemption import TrainingStopped
 
+    usage_error, click_exception = _click_errors()
     try:
-        app()
+        code = app(standalone_mode=False)
+    except usage_error as err:
+        if type(err).__name__ == "NoArgsIsHelpError":  # a bare `robustcl` or `robustcl recipe`: the help
+            err.show()
+            sys.exit(err.exit_code)
+        if _is_main_process():
+            command = err.ctx.command_path if err.ctx is not None else "robustcl"
+            message = " ".join(err.format_message().split()).removesuffix(".")
+            print(f"robustcl: error: {message} ({command}) — see {command} --help", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except click_exception as err:
+        err.show()
+        sys.exit(err.exit_code)
+    except typer.Abort:
+        print("Aborted!", file=sys.stderr)
+        sys.exit(1)
     except UserError as err:
         if _is_main_process():
             print(f"robustcl: error: {err}", file=sys.stderr)
@@ -469,3 +493,4 @@ def main() -> None:
         if _is_main_process():
             print(f"robustcl: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -1,5 +1,6 @@
 """Errors the CLI reports on one line, without a traceback: mistakes a user can fix (bad recipe, missing file,
-wrong column; exit code 2) and failures of a remote service (exit code 1)."""
+wrong column; exit code 2) and failures the same input may not meet again (a remote service, a full disk, a
+diverged run; exit code 1)."""
 
 from __future__ import annotations
 
@@ -30,5 +31,12 @@ class RemoteError(UserError):
 
 class StorageError(UserError):
     """The disk refused a write (full, read-only, quota); nothing written earlier was lost. Exit code 1."""
+
+    exit_code = 1
+
+
+class NonFiniteLoss(UserError):
+    """Training produced a NaN/inf loss or gradient (usually a learning rate too high); the checkpoints written
+    before it are intact. Exit code 1."""
 
     exit_code = 1

@@ -21,9 +21,13 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from unittest import mock
 
 from .errors import UserError
+
+if TYPE_CHECKING:
+    from typer.core import TyperCommand
 
 MIXED_PRECISION = ("no", "bf16", "fp16")
 # Set for the processes `robustcl launch` starts: the total it asked for, which robustcl.distributed checks.
@@ -198,6 +202,29 @@ def check_hardware(plan_gpus: int, cpu: bool, deepspeed: Path | None) -> None:
 
         if importlib.util.find_spec("deepspeed") is None:
             raise UserError("DeepSpeed is not installed", "--deepspeed", "pip install deepspeed, or drop --deepspeed")
+
+
+def check_pretrain_batch(command: list[str], processes: int, pretrain: TyperCommand) -> None:
+    """Before a real launch of ``pretrain``: the recipe's global batch must split over the processes, checked as the
+    trainer checks it (:func:`robustcl.train.plan_batches`). Only the launcher knows the process count before the
+    processes start; without this each of them would start, load the data and stop with the same error."""
+    if not command or command[0] != "pretrain":
+        return
+    try:
+        with pretrain.make_context("pretrain", list(command[1:]), resilient_parsing=True) as ctx:
+            recipe_file, overrides = ctx.params.get("recipe"), ctx.params.get("set_")
+    except Exception:  # a command-line mistake: the command itself reports it
+        return
+    if recipe_file is None:
+        return
+    from .recipe import load_recipe
+    from .train import plan_batches
+
+    try:
+        recipe = load_recipe(recipe_file, overrides)
+    except UserError:
+        return  # a recipe mistake needs no process count: the command reports it, once, from the main process
+    plan_batches(recipe.training, processes)
 
 
 def run_launch(plan: LaunchPlan) -> int:

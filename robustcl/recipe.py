@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -22,31 +22,58 @@ def _parse_fraction(value: Any) -> Any:
     if isinstance(value, str) and "/" in value:
         try:
             return float(Fraction(value.replace(" ", "")))
-        except (ValueError, ZeroDivisionError):
-            return value
+        except ZeroDivisionError:
+            raise ValueError("division by zero") from None
+        except OverflowError:
+            raise ValueError("the fraction is too large for a float") from None
+        except ValueError:
+            return value  # not a fraction: the float validator reports it as not a number
     return value
 
 
 PixelFloat = Annotated[float, BeforeValidator(_parse_fraction)]
+NonNegativeFloat = Annotated[float, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Hue = Annotated[float, Field(ge=0, le=0.5)]  # ColorJitter's hue shift is a fraction of the colour circle, at most half
+# Seeds feed torch generators, also as seed + 1 and seed × 1,000,003 + index (evaluation): 32 bits keep every one
+# of them in range.
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
+# Convolution kernel of each stem: the input (data.resolution + 2 × padding) must be at least this large.
+_STEM_KERNEL = {"cifar": 3, "imagenet": 7}
+_STEM_PADDING = {"cifar": 1, "imagenet": 3}
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan: a NaN or infinite ε, learning rate or probability is never meant, and only shows up as a
+    # NaN loss steps later.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class AugmentConfig(Section):
     """SimCLR view augmentation, run on the device per sample."""
 
-    crop_scale: tuple[float, float] = Field((0.08, 1.0), description="RandomResizedCrop area range")
-    crop_ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio range")
+    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+        (0.08, 1.0), description="RandomResizedCrop area range: fractions of the image, 0 < low ≤ high ≤ 1"
+    )
+    crop_ratio: tuple[PositiveFloat, PositiveFloat] = Field(
+        (3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio (width / height) range, 0 < low ≤ high"
+    )
     interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="crop resampling")
     flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
-    jitter: tuple[float, float, float, float] = Field(
-        (0.4, 0.4, 0.4, 0.1), description="colour jitter strength: brightness, contrast, saturation, hue"
+    jitter: tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat, Hue] = Field(
+        (0.4, 0.4, 0.4, 0.1), description="colour jitter strength: brightness, contrast, saturation (≥ 0), hue (0–0.5)"
     )
     jitter_p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter")
     grayscale_p: float = Field(0.2, ge=0, le=1, description="probability of converting to grayscale")
     weak_padding: int = Field(4, ge=0, description="weak view (AdvCL, DeACL): RandomCrop with this zero padding + flip")
+
+    @field_validator("crop_scale", "crop_ratio")
+    @classmethod
+    def _low_at_most_high(cls, pair: tuple[float, float]) -> tuple[float, float]:
+        if pair[0] > pair[1]:
+            raise ValueError(f"must be [low, high] with low ≤ high, got {list(pair)}")
+        return pair
 
 
 class DataConfig(Section):
@@ -67,12 +94,18 @@ class DataConfig(Section):
 class ModelConfig(Section):
     """The ResNet encoder (CIFAR or ImageNet stem); normalisation lives inside the model."""
 
-    block_layers: list[int] = Field([2, 2, 2, 2], description="basic blocks per stage (ResNet-18: 2,2,2,2)")
-    widths: list[int] = Field([64, 128, 256, 512], description="channels per stage")
+    block_layers: list[PositiveInt] = Field(
+        [2, 2, 2, 2], min_length=1, description="basic blocks per stage (ResNet-18: 2,2,2,2)"
+    )
+    widths: list[PositiveInt] = Field([64, 128, 256, 512], min_length=1, description="channels per stage")
     stem: Literal["cifar", "imagenet"] = Field("cifar", description="cifar: 3×3 s1 conv; imagenet: 7×7 s2 + pool")
     stem_padding: int | None = Field(None, ge=0, description="stem conv padding (default 1 cifar, 3 imagenet)")
-    image_mean: list[float] = Field([0.485, 0.456, 0.406], description="normalisation mean inside the model")
-    image_std: list[float] = Field([0.229, 0.224, 0.225], description="normalisation std inside the model")
+    image_mean: list[float] = Field(
+        [0.485, 0.456, 0.406], min_length=3, max_length=3, description="normalisation mean inside the model (RGB)"
+    )
+    image_std: list[PositiveFloat] = Field(
+        [0.229, 0.224, 0.225], min_length=3, max_length=3, description="normalisation std inside the model (RGB)"
+    )
 
     @model_validator(mode="after")
     def _same_lengths(self) -> ModelConfig:
@@ -205,6 +238,13 @@ class OptimizerConfig(Section):
     )
     reference_batch_size: int = Field(256, gt=0, description="global batch size that optimizer.lr is given for")
 
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> OptimizerConfig:
+        # torch.optim.SGD refuses it only when the optimizer is built, after the data is loaded.
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("optimizer.nesterov needs optimizer.momentum > 0 (sgd)")
+        return self
+
     def peak_lr(self, batch_size: int) -> float:
         """The learning rate a run with global batch ``batch_size`` trains with (independent of processes)."""
         ratio = batch_size / self.reference_batch_size
@@ -247,7 +287,24 @@ class TrainingConfig(Section):
     )
     checkpoint_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints kept in the run directory")
-    seed: int = Field(0, description="seed for initialisation, data order, augmentation and attack starts")
+    nonfinite: Literal["stop", "skip"] = Field(
+        "stop",
+        description="a step whose loss or gradients are NaN/inf — stop: end the run, naming the step and the last "
+        "good checkpoint; skip: drop the step's update (and its BatchNorm statistics), log it, go on",
+    )
+    max_skipped_steps: int = Field(
+        10, ge=0, description="with nonfinite: skip, stop once more steps than this were skipped in the run"
+    )
+    seed: Seed = Field(0, description="seed for initialisation, data order, augmentation and attack starts (0 … 2³²−1)")
+
+    @field_validator("batch_size", "micro_batch_size")
+    @classmethod
+    def _two_images_at_least(cls, value: int | None) -> int | None:
+        # A batch of one fails inside the step (BatchNorm in train mode needs two values per channel, and a 1×1
+        # feature map of one image has one); a contrastive batch of one has no negatives to learn from either.
+        if value == 1:
+            raise ValueError("a batch needs at least 2 images (BatchNorm statistics, contrastive negatives)")
+        return value
 
 
 class LoggingConfig(Section):
@@ -302,7 +359,7 @@ class EvalAttackConfig(Section):
     step_size: PixelFloat = Field(2 / 255, ge=0, description="PGD step of RA")
     steps: int = Field(20, ge=0, description="PGD steps of RA")
     random_start: bool = Field(True, description="uniform random start inside the ε-ball")
-    curve_epsilons: list[PixelFloat] = Field(
+    curve_epsilons: list[Annotated[PixelFloat, Field(ge=0)]] = Field(
         [0, 2 / 255, 4 / 255, 8 / 255, 16 / 255],
         description="radii of the accuracy-vs-ε curve (PGD, step scaled with ε); [] skips the curve",
     )
@@ -336,7 +393,9 @@ class EvalConfig(Section):
     save_classifier: bool = Field(
         True, description="save the finetuned classifier beside eval.json (for robustcl export --classifier)"
     )
-    seed: int = Field(0, description="seed of the validation split, head initialisation, shuffling, attacks")
+    seed: Seed = Field(
+        0, description="seed of the validation split, head initialisation, shuffling, attacks (0 … 2³²−1)"
+    )
 
 
 class ExportConfig(Section):
@@ -360,6 +419,33 @@ class Recipe(Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
 
+    @model_validator(mode="after")
+    def _stem_fits_the_images(self) -> Recipe:
+        # Otherwise the first convolution fails inside the first training (or evaluation) step.
+        m = self.model
+        kernel, pad = _STEM_KERNEL[m.stem], m.stem_padding if m.stem_padding is not None else _STEM_PADDING[m.stem]
+        for key, resolution in [
+            ("data.resolution", self.data.resolution),
+            ("eval.data.resolution", self.eval.data.resolution),
+        ]:
+            if resolution is not None and resolution + 2 * pad < kernel:
+                raise ValueError(
+                    f"the {m.stem} stem's {kernel}×{kernel} convolution needs {key} + 2 × model.stem_padding ≥ "
+                    f"{kernel}, got {key} {resolution} and padding {pad}"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _dynacl_crops_up_to_the_whole_image(self) -> Recipe:
+        # DynACL moves the crop's lower bound towards 1 as augmentation weakens (the authors' scale=(1 − 0.9·s, 1)):
+        # below a high end of 1 the bounds cross at the first step-down, in the middle of training.
+        if self.method.name == "dynacl" and self.augment.crop_scale[1] != 1:
+            raise ValueError(
+                f"DynACL anneals the crop towards the whole image: augment.crop_scale must end at 1.0 with "
+                f"method.name dynacl, got {list(self.augment.crop_scale)}"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -380,13 +466,16 @@ _RecipeDumper.add_representer(list, _represent_list)
 
 
 # Keys that may change between a run and its resumption: the training length, settings that change speed but not
-# what a step computes (a run may move to another machine), and the evaluation and export settings.
+# what a step computes (a run may move to another machine), what to do about a non-finite step (a run stopped by
+# one resumes with `skip`), and the evaluation and export settings.
 RESUMABLE_CHANGES = {
     ("training", "epochs"),
     ("training", "max_steps"),
     ("training", "compile"),
     ("training", "channels_last"),
     ("training", "data_placement"),
+    ("training", "nonfinite"),
+    ("training", "max_skipped_steps"),
 }
 RESUMABLE_SECTIONS = {"eval", "export"}
 
@@ -395,10 +484,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` → (["a", "b"], value); the value is parsed as YAML, so 8 is an int and [1,2] a list."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
-        raise UserError(f"malformed override '{text}'", "--set", "write it as KEY=VALUE, e.g. training.max_steps=100")
+        raise UserError(
+            f"malformed override '{_one_line(text)}'", "--set", "write it as KEY=VALUE, e.g. training.max_steps=100"
+        )
     try:
         value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+    except (yaml.YAMLError, ValueError, RecursionError):
+        # Not YAML (or a number or date PyYAML cannot convert): the text itself, which validation then judges.
         value = raw
     return key.strip().split("."), value
 
@@ -411,8 +503,10 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise UserError(
-                f"cannot set '{'.'.join(path)}': '{'.'.join(path[: i + 1])}' is a value, not a section",
+                f"cannot set '{_one_line('.'.join(path))}': '{_one_line('.'.join(path[: i + 1]))}' is a value, "
+                "not a section",
                 "--set",
+                f"set '{_one_line('.'.join(path[: i + 1]))}' itself, or check the key's spelling",
             )
         node = child
     node[path[-1]] = value
@@ -431,23 +525,40 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
+def _one_line(text: str) -> str:
+    """``text`` with control characters (newlines, tabs, line separators) escaped: errors print on one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, on one line, shortened."""
+    try:
+        text = _one_line(repr(value))
+    except ValueError:  # an int beyond the 4300 digits Python converts to text
+        return "an integer too long to print"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
 def _format_validation_error(err: ValidationError, source: str) -> UserError:
     first = err.errors()[0]
-    loc = tuple(p for p in first["loc"] if not isinstance(p, int))
-    key = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
-        parent = _section_at(loc[:-1])
+    loc = tuple(first["loc"])
+    key = _one_line(".".join(str(p) for p in loc))
+    source = _one_line(source)
+    if first["type"] == "extra_forbidden" and loc:
+        parent = _section_at(tuple(p for p in loc[:-1] if not isinstance(p, int)))
         valid = sorted(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         fix = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         fix = (fix + " " if fix else "") + f"valid keys here: {', '.join(valid)}"
-        return UserError(f"unknown recipe key '{key}'", source, fix)
-    msg = first["msg"].replace("\n", " ")
-    given = first.get("input")
-    if first["type"] == "value_error":
-        return UserError(f"invalid recipe: {msg.removeprefix('Value error, ')}", source)
+        return UserError(f"unknown recipe key '{key}'", source, _one_line(fix))
+    msg = _one_line(first["msg"]).removeprefix("Value error, ")
+    if first["type"] == "value_error" and _section_at(loc) is not None:
+        # A section's own check of keys that must agree: its message names them.
+        return UserError(f"invalid recipe: {msg}", source, "change the keys named, in the recipe or with --set")
     return UserError(
-        f"invalid value for '{key}': {msg} (got {given!r})", source, "fix the value in the recipe or --set"
+        f"invalid value for '{key}': {msg} (got {_shown(first.get('input'))})",
+        source,
+        "fix the value in the recipe or --set",
     )
 
 
@@ -462,6 +573,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         where = getattr(exc, "problem_mark", None)
         line = f"{path}:{where.line + 1}" if where else str(path)
         raise UserError("recipe is not valid YAML", line, "check indentation and quoting") from None
+    except (ValueError, RecursionError) as exc:
+        # Valid YAML that PyYAML cannot turn into values: an int over Python's 4300 digits, a date like
+        # 2024-13-01, lists nested past the recursion limit.
+        reason = str(exc).split(";")[0] if isinstance(exc, ValueError) else "nested too deeply"
+        raise UserError(f"recipe cannot be read: {_one_line(reason)}", str(path), "check the values") from None
     if not isinstance(tree, dict):
         raise UserError("recipe must be a mapping of sections", str(path), "start with e.g. 'data:' / 'training:'")
     return _with_overrides(tree, overrides, str(path))

@@ -14,6 +14,7 @@ import errno
 import hashlib
 import json
 import os
+import pickle
 import shutil
 import sys
 from contextlib import nullcontext
@@ -140,7 +141,10 @@ def save_checkpoint(
     final = root / f"{_PREFIX}{step:08d}"
     tmp = root / f".tmp-{_PREFIX}{step:08d}"
     if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Left by a run killed while writing a checkpoint or deleting an old one.
+        unmarked = [p for p in root.glob(f"{_PREFIX}*") if not (p / COMPLETE_MARKER).is_file()]
+        for stale in [*root.glob(f".tmp-{_PREFIX}*"), *unmarked]:
+            shutil.rmtree(stale, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
     try:
@@ -177,6 +181,8 @@ def save_checkpoint(
         os.replace(tmp, final)
         _fsync_dir(root)
         for old in complete_checkpoints(run_dir)[:-keep]:
+            # Marker first: a kill during the deletion leaves a folder that no longer counts as a checkpoint.
+            (old / COMPLETE_MARKER).unlink()
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -184,8 +190,17 @@ def save_checkpoint(
 
 def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict[str, Any]:
     """Restore model, optimizer and RNG states (safetensors / ``weights_only`` loads); return the train state."""
-    with safe_checkpoint_loading() if uses_deepspeed(accelerator) else nullcontext():
-        accelerator.load_state(str(checkpoint))
+    try:
+        with safe_checkpoint_loading() if uses_deepspeed(accelerator) else nullcontext():
+            accelerator.load_state(str(checkpoint))
+    except pickle.UnpicklingError as err:
+        # torch.load(weights_only=True) met a pickled object that is not tensors and plain containers: loading it
+        # would run code from the file.
+        raise UserError(
+            f"checkpoint refused: a file holds objects other than tensors ({str(err).splitlines()[-1][:200]})",
+            str(checkpoint),
+            "resume only from checkpoints robustcl wrote; delete this folder to resume from an earlier one",
+        ) from None
     return json.loads((checkpoint / TRAIN_STATE).read_text())
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
+import os
 import platform
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +22,9 @@ from .collectives import check_replicas_identical, convert_sync_batchnorm
 from .data.batches import EpochBatches, batch_random
 from .data.loading import load_pretraining_images
 from .data.placement import ImageFeed, image_feed
-from .deepspeed_support import configure_deepspeed, deepspeed_requested, zero_stage
+from .deepspeed_support import configure_deepspeed, deepspeed_requested, uses_deepspeed, zero_stage
 from .distributed import check_world_size
-from .errors import UserError
+from .errors import NonFiniteLoss, UserError
 from .export import export_run
 from .methods import Method, TrainingRun, build_method
 from .optim import build_optimizer, build_scheduler
@@ -125,7 +128,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
             f"output directory holds a run with a different recipe (differs in: {', '.join(diffs)})",
             str(run_dir / RECIPE_FILE),
             "use the run's own recipe (only the training length, training.compile / channels_last / "
-            "data_placement and the eval / export sections may change) or a new --output-dir",
+            "data_placement / nonfinite / max_skipped_steps and the eval / export sections may change) or a new "
+            "--output-dir",
         )
 
 
@@ -163,6 +167,13 @@ def plan_batches(t: TrainingConfig, processes: int) -> BatchPlan:
             "training.micro_batch_size",
             "use a divisor of the per-process batch, or null",
         )
+    if micro < 2:
+        # BatchNorm in train mode needs two values per channel; the recipe refuses a batch of 1, not 1 per process.
+        raise UserError(
+            f"training.batch_size {t.batch_size} over {processes} processes gives each 1 image per forward pass",
+            "training.batch_size",
+            f"use a batch size of at least {2 * processes} (2 images per process)",
+        )
     return BatchPlan(t.batch_size, processes, micro, per_process // micro)
 
 
@@ -185,29 +196,38 @@ class Session:
     step: int
     compute: dict[str, Any]
     sync_batchnorm: bool  # BN statistics (and so the BN buffers) shared by all processes
+    skipped_steps: int  # steps of the run whose update was dropped for a NaN/inf (training.nonfinite: skip)
 
 
 def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
     """Set up a run: check the run directory, start Accelerate, load the data onto the device, build the method
     (teacher, pseudo-labels, SyncBN), optimizer and schedule, and restore the newest complete checkpoint."""
     run_dir = Path(run_dir)
+    if recipe.training.nonfinite == "skip" and deepspeed_requested():
+        raise UserError(
+            "training.nonfinite: skip is not available under DeepSpeed (its engine applies the update inside the "
+            "backward pass, before the loss can be checked)",
+            "training.nonfinite",
+            "use training.nonfinite: stop with DeepSpeed",
+        )
     prepare_run_dir(run_dir, recipe, resume)
     accelerator = make_accelerator(recipe, run_dir)
+    t = recipe.training
+    plan = plan_batches(t, accelerator.num_processes)
+    data = load_pretraining_images(recipe.data, progress=accelerator.is_local_main_process)
+    # Only now, with the batch plan and the data checked: a run refused for bad input leaves nothing behind that
+    # would make the corrected recipe look like a different run. (Before setup: AdvCL writes its labels here.)
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
     accelerator.wait_for_everyone()
-    torch.manual_seed(recipe.training.seed)
-
-    t = recipe.training
-    plan = plan_batches(t, accelerator.num_processes)
-    data = load_pretraining_images(recipe.data, progress=accelerator.is_local_main_process)
     batches = EpochBatches(
         len(data.images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     feed = image_feed(data.images, batches, accelerator.device, t.data_placement)
 
+    torch.manual_seed(t.seed)
     method = build_method(recipe)
     # Before the checkpoint is restored and before DDP wraps the method: a teacher or pseudo-labels come from
     # outside the weights (a DeACL student starts as its teacher; a restored checkpoint then overrides that).
@@ -234,7 +254,7 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
         f"SyncBN {'on' if sync_bn else 'off'}; data {'on the device' if feed.placement == 'device' else 'streamed'}"
         f"{'; ' + speed if speed else ''}"
     )
-    step = 0
+    step = skipped = 0
     compute: dict[str, Any] = {"images_seen": 0, "wall_time_s": 0.0, "hardware": []}
     checkpoint = latest_checkpoint(run_dir, warn=accelerator.is_main_process) if resume else None
     if checkpoint is not None:
@@ -242,13 +262,30 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
         step = int(train_state["step"])
         scheduler.load_state_dict(train_state["scheduler"])
         compute = train_state.get("compute", compute)
+        skipped = int(train_state.get("skipped_steps", 0))
         accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
+    if accelerator.is_main_process:
+        drop_metrics_after(run_dir / METRICS_FILE, step)
     compute["hardware"] = list(dict.fromkeys([*compute["hardware"], hardware_description(accelerator)]))
     compute["dataset_images"] = len(data.images)
     return Session(
         recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, feed, total_steps, step,
-        compute, sync_bn,
+        compute, sync_bn, skipped,
     )  # fmt: skip
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget the logged records of steps after ``step``: a run killed since its last checkpoint repeats those
+    steps, and the log should hold each step once (replaced atomically: a kill here loses nothing)."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    # A kill mid-write can leave a last line without its end.
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    if kept != lines:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(kept))
+        os.replace(tmp, path)
 
 
 def apply_speed_settings(method: Method, t: TrainingConfig, device: torch.device) -> str:
@@ -298,13 +335,59 @@ def accumulate_gradients(session: Session, step: int) -> dict[str, torch.Tensor]
     return totals
 
 
-def train_step(session: Session, step: int) -> dict[str, torch.Tensor]:
-    """Optimizer step ``step`` (0-based): every micro-batch's forward and backward, the update, the schedule."""
+def _step_is_finite(session: Session, loss: torch.Tensor) -> bool:
+    """Whether this step's loss (on every process) and gradients are finite: one host sync per step. Under fp16
+    Accelerate's gradient scaler already skips overflowing steps, and DeepSpeed keeps the gradients in its engine:
+    there only the loss is checked."""
+    bad = (~torch.isfinite(loss)).float()
+    if session.accelerator.scaler is None and not uses_deepspeed(session.accelerator):
+        grads = [p.grad for p in session.method.parameters() if p.grad is not None]
+        if grads:  # after the all-reduce: the same on every process
+            norm = torch.nn.utils.get_total_norm(grads, error_if_nonfinite=False)
+            bad = bad + (~torch.isfinite(norm)).float()
+    if session.accelerator.num_processes > 1:
+        bad = session.accelerator.reduce(bad, "sum")
+    return bad.item() == 0
+
+
+def train_step(session: Session, step: int) -> dict[str, torch.Tensor] | None:
+    """Optimizer step ``step`` (0-based): every micro-batch's forward and backward, the update, the schedule.
+
+    Returns the step's metrics, or None when its loss or a gradient was NaN/inf: then no update was made and, with
+    ``training.nonfinite: skip``, the BatchNorm statistics are as before the step (a NaN forward would poison
+    them); the schedule still advances, so the learning rate stays a function of the step."""
+    # Only a run that goes on after a NaN step needs the statistics from before it.
+    keep = session.recipe.training.nonfinite == "skip"
+    buffers = list(session.method.buffers()) if keep else []
+    before = [b.clone() for b in buffers]
     metrics = accumulate_gradients(session, step)
-    session.optimizer.step()
+    finite = _step_is_finite(session, metrics["loss"])
+    if finite:
+        session.optimizer.step()
+    elif buffers:
+        torch._foreach_copy_(buffers, before)
     session.scheduler.step()
     session.optimizer.zero_grad(set_to_none=True)
-    return metrics
+    return metrics if finite else None
+
+
+def _non_finite_stop(session: Session, step: int, skipped: int, last_checkpoint: Path | None) -> NonFiniteLoss:
+    t = session.recipe.training
+    kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written yet"
+    if t.nonfinite == "skip":
+        return NonFiniteLoss(
+            f"{skipped} steps had a NaN/inf loss or gradient, more than training.max_skipped_steps "
+            f"{t.max_skipped_steps} (the last: step {step}); {kept}",
+            str(session.run_dir),
+            "the run diverges: train again with a lower optimizer.lr in a new --output-dir",
+        )
+    update = "DeepSpeed had applied its update" if uses_deepspeed(session.accelerator) else "no update was made"
+    return NonFiniteLoss(
+        f"the loss or a gradient is NaN/inf at step {step} ({update}, nothing saved after it); {kept}",
+        str(session.run_dir),
+        "to skip such steps, run the same command with --set training.nonfinite=skip (it resumes from the last "
+        "good checkpoint); to train more gently, use a lower optimizer.lr in a new --output-dir",
+    )
 
 
 def _stop_agreed(stop: StopOnSignal, accelerator: Accelerator, step: int, every: int) -> bool:
@@ -316,6 +399,16 @@ def _stop_agreed(stop: StopOnSignal, accelerator: Accelerator, step: int, every:
         return False
     flag = torch.tensor([1.0 if stop.received else 0.0], device=accelerator.device)
     return accelerator.reduce(flag, "sum").item() > 0
+
+
+@contextmanager
+def _closing(*things: Any) -> Iterator[None]:
+    """Close the progress bar and the image feed (its prefetch thread) however the loop ends."""
+    try:
+        yield
+    finally:
+        for thing in things:
+            thing.close()
 
 
 def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
@@ -339,29 +432,40 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     )
     start_step, started = step, time.perf_counter()
     window_loss: dict[str, torch.Tensor] = {}
-    window_steps, window_start = 0, time.perf_counter()
+    window_steps, window_finite, window_start = 0, 0, time.perf_counter()
     last_loss = float("nan")
+    skipped = session.skipped_steps
+    checkpoint = latest_checkpoint(run_dir, warn=False)
     model.train()
-    with StopOnSignal() as stop:
+    with StopOnSignal() as stop, _closing(bar, session.feed):
         while step < total_steps:
-            for name, value in train_step(session, step).items():
-                window_loss[name] = window_loss.get(name, 0) + value
+            metrics = train_step(session, step)
             step += 1
             window_steps += 1
+            if metrics is None:
+                skipped += 1
+                if t.nonfinite == "stop" or skipped > t.max_skipped_steps:
+                    raise _non_finite_stop(session, step, skipped, checkpoint)
+                if accelerator.is_main_process:
+                    print(f"robustcl: warning: NaN/inf loss or gradient at step {step}: skipped", file=sys.stderr)
+            else:
+                for name, value in metrics.items():
+                    window_loss[name] = window_loss.get(name, 0) + value
+                window_finite += 1
 
             if step % recipe.logging.every_steps == 0 or step == total_steps:
-                reduced = {k: accelerator.reduce(v, "mean").item() / window_steps for k, v in window_loss.items()}
+                # A window of skipped steps alone has no metrics to average: its record carries no loss.
+                reduced = {k: accelerator.reduce(v, "mean").item() / window_finite for k, v in window_loss.items()}
                 elapsed = time.perf_counter() - window_start
-                if not math.isfinite(reduced["loss"]):
-                    raise FloatingPointError(f"loss is {reduced['loss']} at step {step}")
                 record = {
                     "step": step,
                     "epoch": batches.epoch_of(step - 1),
                     **reduced,
                     "lr": scheduler.get_last_lr()[0],
                     "images_per_s": window_steps * t.batch_size / max(elapsed, 1e-9),
+                    "skipped_steps": skipped,
                 }
-                last_loss = reduced["loss"]
+                last_loss = reduced.get("loss", last_loss)
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
                         f.write(json.dumps(record) + "\n")
@@ -369,7 +473,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
                         loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}"
                     )
                 accelerator.log(record, step=step)
-                window_loss, window_steps, window_start = {}, 0, time.perf_counter()
+                window_loss, window_steps, window_finite, window_start = {}, 0, 0, time.perf_counter()
             bar.update(1)
             stopping = _stop_agreed(stop, accelerator, step, recipe.logging.every_steps)
             every = t.checkpoint_every
@@ -384,17 +488,18 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
                 # ZeRO-3 keeps only a partition of each parameter per process.
                 if zero_stage(accelerator) < 3:
                     check_replicas_identical(session.method, buffers=session.sync_batchnorm)
-                train_state = {"step": step, "scheduler": scheduler.state_dict(), "compute": so_far}
+                train_state = {
+                    "step": step,
+                    "scheduler": scheduler.state_dict(),
+                    "compute": so_far,
+                    "skipped_steps": skipped,
+                }
                 checkpoint = save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
             if stopping:
-                bar.close()
-                session.feed.close()
                 raise TrainingStopped(
                     f"stopped by {stop.received or 'a signal to another process'} after step {step} of {total_steps}; "
                     f"checkpoint {checkpoint} written — run the same command again to resume"
                 )
-    bar.close()
-    session.feed.close()
     wall = time.perf_counter() - started
 
     summary = RunSummary(

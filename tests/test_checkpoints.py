@@ -1,18 +1,21 @@
 """Checkpoint integrity: every file is recorded with its size and SHA-256; a damaged newest checkpoint is reported
-and skipped for the previous good one; a failed write (disk full) loses nothing; retention keeps the newest."""
+and skipped for the previous good one; a failed write (disk full) loses nothing; retention keeps the newest; a file
+holding pickled code (even with a matching checksum) is refused without running it."""
 
 from __future__ import annotations
 
 import errno
 import hashlib
 import json
+import os
 from pathlib import Path
 
 import pytest
+import torch
 from accelerate import Accelerator
 from helpers import REPO
 
-from robustcl.errors import StorageError
+from robustcl.errors import StorageError, UserError
 from robustcl.recipe import load_recipe
 from robustcl.run_dir import COMPLETE_MARKER, checkpoint_problem, complete_checkpoints, latest_checkpoint
 from robustcl.train import pretrain
@@ -92,6 +95,40 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path: Path, mo
 
 def test_retention_keeps_the_newest_checkpoints(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    _pretrain(run, 6, "training.keep_checkpoints=1")
+    _pretrain(run, 4, "training.keep_checkpoints=1")
     (only,) = complete_checkpoints(run)
-    assert only.name == "step-00000006" and checkpoint_problem(only) is None
+    assert only.name == "step-00000004" and checkpoint_problem(only) is None
+    # What a kill leaves: a write's temporary folder, an old checkpoint half deleted (its marker goes first).
+    for leftover in (".tmp-step-00000005", "step-00000003"):
+        (run / "checkpoints" / leftover).mkdir()
+        (run / "checkpoints" / leftover / "model.safetensors").write_bytes(b"partial")
+    _pretrain(run, 6, "training.keep_checkpoints=1")
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step-00000006"]
+
+
+class _Payload:
+    """Unpickling this runs ``os.mkdir(path)``: what a tampered checkpoint could do to whoever loads it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_a_checkpoint_with_pickled_code_is_refused_without_running_it(tmp_path: Path) -> None:
+    run, ran = tmp_path / "run", tmp_path / "payload-ran"
+    _pretrain(run, 2)
+    (checkpoint,) = complete_checkpoints(run)
+    torch.save({"state": {}, "param_groups": [], "hook": _Payload(ran)}, checkpoint / "optimizer.bin")
+    # Re-sign the marker, as an attacker with write access could: only weights_only loading stands in the way.
+    marker = json.loads((checkpoint / COMPLETE_MARKER).read_text())
+    data = (checkpoint / "optimizer.bin").read_bytes()
+    marker["files"]["optimizer.bin"] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (checkpoint / COMPLETE_MARKER).write_text(json.dumps(marker))
+    assert checkpoint_problem(checkpoint) is None
+    with pytest.raises(UserError) as refused:
+        _pretrain(run, 4)
+    assert "checkpoint refused: a file holds objects other than tensors" in str(refused.value)
+    assert str(checkpoint) in str(refused.value) and refused.value.exit_code == 2
+    assert not ran.exists()

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from helpers import BIN, CIFAR10, REPO, cli_env, robustcl, with_sets
+from helpers import BIN, CIFAR10, REPO, cli_env, with_sets
 from torch import nn
 
 from robustcl.data.loading import load_images
@@ -290,17 +290,3 @@ def test_two_processes_give_the_same_figures_as_one(tmp_path, tiny_export):
     for key in ("SA", "RA", "curve", "split_sizes"):
         assert one[key] == two[key], key
     assert one["finetune"]["history"] == two["finetune"]["history"]
-
-
-def test_cli_errors_name_the_key_and_the_fix(tmp_path, tiny_export):
-    res = robustcl("evaluate", str(tiny_export), "--protocol", "lfs")
-    assert res.returncode == 2 and "unknown protocol 'lfs'" in res.stderr and "slf, alf, aff" in res.stderr
-    res = robustcl("evaluate", str(tiny_export), "--attack", "pgd20,fgsm")
-    assert res.returncode == 2 and "unknown attack 'fgsm'" in res.stderr
-    res = robustcl("evaluate", str(tmp_path / "nowhere"))
-    assert res.returncode == 2 and "cannot load the model" in res.stderr and "Traceback" not in res.stderr
-    (tmp_path / "empty").mkdir()
-    res = robustcl("evaluate", str(tmp_path / "empty"))
-    assert res.returncode == 2 and "no config.json" in res.stderr
-    res = robustcl("evaluate", str(tiny_export), *with_sets("eval.data.path=builtin:nothing"))
-    assert res.returncode == 2 and "eval.data" in res.stderr and "Traceback" not in res.stderr

@@ -14,6 +14,9 @@ from helpers import cli_env, read_tree, robustcl
 from huggingface_hub import ModelCard, snapshot_download
 from safetensors.torch import load_file, save_file
 
+from robustcl.errors import UserError
+from robustcl.export_layout import export_files
+
 pytestmark = pytest.mark.slow
 
 REPO_ID = "my-org/digits-acl"
@@ -166,3 +169,16 @@ def test_only_complete_exports_are_pushed(hub, exported, tmp_path, damage):
     res = push(hub, tmp_path, str(folder), REPO_ID)
     assert res.returncode == 2 and expected in res.stderr, res.stderr
     assert hub.requests == []  # refused before any network call
+
+
+def test_a_symlinked_folder_cannot_smuggle_outside_files_into_a_push(exported, tmp_path):
+    """A link to a folder outside the export is refused like a linked file (nothing it points to is listed)."""
+    folder, outside = tmp_path / "export", tmp_path / "outside"
+    shutil.copytree(exported / "encoder", folder)
+    shutil.copytree(folder / "eval" / "slf", outside)
+    (outside / "secrets.txt").write_text("not for the Hub\n")
+    shutil.rmtree(folder / "eval" / "slf")
+    (folder / "eval" / "slf").symlink_to(outside, target_is_directory=True)
+    with pytest.raises(UserError) as refused:
+        export_files(folder)
+    assert "eval/slf (symlink)" in str(refused.value) and "secrets.txt" not in str(refused.value)

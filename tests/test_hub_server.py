@@ -295,3 +295,7 @@ def test_transformers_loads_models_through_the_server(hub: LocalHub, api: HfApi,
     assert all(r["status"] in (200, 404) for r in seen), seen
     assert any(r["path"].endswith("/model.safetensors") and r["method"] == "GET" for r in seen)
     assert any(r["path"].endswith("/modeling_enc.py") for r in seen)
+
+
+def test_the_server_listens_on_loopback_only(hub: LocalHub) -> None:
+    assert hub.url.startswith("http://127.0.0.1:") and hub._server.server_address[0] == "127.0.0.1"

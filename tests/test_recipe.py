@@ -110,3 +110,84 @@ def test_method_options_are_checked_and_documented(tmp_path):
                 "method.deacl.teacher", "method.dynacl.momentum", "augment.weak_padding"]:  # fmt: skip
         line = next(line for line in described.splitlines() if line.startswith(key + " = "))
         assert len(line.split("# ", 1)[1]) > 20, line
+
+
+# Regressions found by tests/test_recipe_mutations.py (and the review around it): each of these once loaded into a
+# recipe that failed inside the first training step, or raised something other than a one-line UserError.
+@pytest.mark.parametrize(
+    "sets, expected",
+    [
+        (["attack.bn_mode=\r"], "--set attack.bn_mode=\\r)"),  # control characters stay escaped on one line
+        (["training.seed=" + "9" * 5000], "invalid value for 'training.seed'"),  # YAML cannot make that int
+        (["attack.epsilon=1/0"], "invalid value for 'attack.epsilon': division by zero"),
+        (["attack.epsilon=1" + "0" * 400 + "/1"], "invalid value for 'attack.epsilon': the fraction is too large"),
+        (["attack.epsilon=.inf"], "invalid value for 'attack.epsilon': Input should be a finite number"),
+        (["optimizer.lr=.nan"], "invalid value for 'optimizer.lr': Input should be a finite number"),
+        (["model.image_mean=[.nan, 0, 0]"], "invalid value for 'model.image_mean.0'"),
+        (["augment.crop_scale=[0, 1]"], "invalid value for 'augment.crop_scale.0'"),
+        (["augment.crop_scale=[0.5, 2]"], "invalid value for 'augment.crop_scale.1'"),
+        (["augment.crop_scale=[0.6, 0.3]"], "invalid value for 'augment.crop_scale': must be [low, high] with low ≤"),
+        (["augment.crop_ratio=[2, 1]"], "invalid value for 'augment.crop_ratio': must be [low, high] with low ≤"),
+        (["augment.crop_ratio=[0, 1]"], "invalid value for 'augment.crop_ratio.0'"),
+        (["augment.jitter=[0, 0, 0, 0.6]"], "invalid value for 'augment.jitter.3'"),
+        (["augment.jitter=[-0.1, 0, 0, 0]"], "invalid value for 'augment.jitter.0'"),
+        (["model.widths=[]", "model.block_layers=[]"], "invalid value for 'model.block_layers'"),
+        (["model.widths=[0, 1, 2, 3]"], "invalid value for 'model.widths.0'"),
+        (["model.block_layers=[0, 1, 1, 1]"], "invalid value for 'model.block_layers.0'"),
+        (["model.image_std=[0, 1, 1]"], "invalid value for 'model.image_std.0'"),
+        (["model.image_std=[1, 1]"], "invalid value for 'model.image_std'"),
+        (["model.image_mean=[0.5, 0.5, 0.5, 0.5]"], "invalid value for 'model.image_mean'"),
+        (["optimizer.name=sgd", "optimizer.nesterov=true", "optimizer.momentum=0"], "optimizer.nesterov needs"),
+        (["training.seed=18446744073709551616"], "invalid value for 'training.seed'"),
+        (["training.seed=-1"], "invalid value for 'training.seed'"),
+        (["eval.seed=4294967296"], "invalid value for 'eval.seed'"),
+        (["data.resolution=1", "model.stem=imagenet", "model.stem_padding=0"], "needs data.resolution + 2 ×"),
+        (["eval.data.resolution=2", "model.stem=imagenet", "model.stem_padding=1"], "needs eval.data.resolution"),
+        (["training.batch_size=1"], "invalid value for 'training.batch_size'"),
+        (["training.micro_batch_size=1"], "invalid value for 'training.micro_batch_size'"),
+        (["method.name=dynacl", "augment.crop_scale=[0.2, 0.5]"], "augment.crop_scale must end at 1.0"),
+        (["eval.attack.curve_epsilons=[0, -8/255]"], "invalid value for 'eval.attack.curve_epsilons.1'"),
+    ],
+)
+def test_values_a_step_cannot_use_are_refused_on_one_line(sets, expected):
+    with pytest.raises(UserError) as info:
+        load_recipe(RECIPES / "quickstart.yaml", sets)
+    assert expected in str(info.value), str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_values_at_the_edges_of_the_valid_ranges_load():
+    r = load_recipe(
+        RECIPES / "quickstart.yaml",
+        ["augment.crop_scale=[1, 1]", "augment.jitter=[0, 0, 0, 0.5]", "training.seed=4294967295",
+         "data.resolution=1", "model.stem=imagenet", "training.batch_size=2", "optimizer.nesterov=true"],
+    )  # fmt: skip
+    assert r.augment.crop_scale == (1.0, 1.0) and r.training.seed == 2**32 - 1 and r.model.stem == "imagenet"
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("training:\n  seed: " + "9" * 5000 + "\n", "recipe cannot be read: Exceeds the limit (4300 digits)"),
+        ("training: " + "[" * 5000 + "\n", "recipe cannot be read: nested too deeply"),
+        ("data:\n  name: 2024-13-01\n", "recipe cannot be read: month must be in 1..12"),
+        ('training:\n  "batch\\nsize": 8\n', "unknown recipe key 'training.batch\\nsize'"),
+        ('"\\u2028": 1\n', "unknown recipe key '\\u2028'"),
+    ],
+)
+def test_unreadable_values_and_odd_keys_give_one_line_errors(tmp_path, text, expected):
+    path = _write(tmp_path, text)
+    with pytest.raises(UserError) as info:
+        load_recipe(path)
+    assert expected in str(info.value) and str(path) in str(info.value), str(info.value)
+    assert len(str(info.value).splitlines()) == 1
+
+
+def test_values_too_long_to_print_are_described():
+    from robustcl.recipe import recipe_from_dict
+
+    with pytest.raises(UserError, match="got an integer too long to print"):
+        recipe_from_dict({"data": {"path": 10**5000}})
+    with pytest.raises(UserError) as info:
+        recipe_from_dict({"data": {"path": ["x" * 10_000]}})
+    assert "(got ['xxx" in str(info.value) and len(str(info.value)) < 300

@@ -213,7 +213,8 @@ def _fallback_crop_size(height: int, width: int, ratio: Sequence[float]) -> tupl
         w = int(round(h * max(ratio)))
     else:
         h, w = height, width
-    return h, w
+    # An extreme ratio would round one side to 0 pixels (NaN views); a 1-pixel side is the closest real crop.
+    return min(max(h, 1), height), min(max(w, 1), width)
 
 
 def _cubic_filter(x: Tensor) -> Tensor:

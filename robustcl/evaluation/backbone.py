@@ -98,6 +98,16 @@ def _is_run_dir(path: Path) -> bool:
     return (path / RECIPE_FILE).is_file() and (path / CHECKPOINTS).is_dir()
 
 
+def _names_a_local_path(reference: str) -> bool:
+    """True when ``reference`` cannot be a Hub id (``name`` or ``namespace/name``), so it was meant as a folder."""
+    return (
+        reference.startswith((".", "/", "~"))
+        or reference.endswith("/")
+        or reference.count("/") > 1
+        or "\\" in reference
+    )
+
+
 def load_model(
     reference: str | Path,
     *,
@@ -121,6 +131,14 @@ def load_model(
             str(reference),
             "an export holds one BN branch already; choose it at export time (robustcl export --bn-branch)",
         )
+    if not path.exists() and _names_a_local_path(str(reference)):
+        # transformers would report it as a malformed Hub repo id, which hides the real mistake.
+        raise UserError(
+            "model folder not found",
+            str(reference),
+            "give a run directory (robustcl pretrain -o DIR), an export folder (robustcl export) or a Hub repo id "
+            "such as my-org/acl-r18",
+        )
     if path.exists() and not (path / "config.json").is_file():
         raise UserError(
             "not a run directory or a model export (no config.json)",
@@ -138,11 +156,13 @@ def load_model(
         )
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"cannot load the model: {first_line}",
-            str(reference),
-            "check the path / repo id (and HF_TOKEN for private repos); custom architectures need --trust-remote-code",
-        ) from None
+        fix = (
+            "the folder needs config.json and the weights (model.safetensors) as robustcl export / save_pretrained "
+            "writes them: export it again"
+            if kind == "export_dir"
+            else "check the repo id (and HF_TOKEN for private repos); custom architectures need --trust-remote-code"
+        )
+        raise UserError(f"cannot load the model: {first_line}", str(reference), fix) from None
     mean, std = _normalisation(str(reference), config.model_type, **hub_kwargs)
     encoder = FeatureEncoder(backbone, mean, std).eval()
     return LoadedModel(encoder, kind, str(reference), _stored_recipe(str(reference), **hub_kwargs), None)

@@ -99,10 +99,10 @@ def default_output(loaded: LoadedModel, protocol: str) -> Path:
     return Path("eval") / name / protocol / REPORT_FILE
 
 
-def _check_choices(protocol: str, attacks: list[str]) -> None:
-    if protocol not in PROTOCOLS:
+def _check_choices(protocol: str | None, attacks: list[str] | None) -> None:
+    if protocol is not None and protocol not in PROTOCOLS:
         raise UserError(f"unknown protocol '{protocol}'", "--protocol", f"choose one of {', '.join(PROTOCOLS)}")
-    for name in attacks:
+    for name in attacks or []:
         if name not in ATTACKS:
             raise UserError(
                 f"unknown attack '{name}'", "--attack", f"give a comma-separated list of {', '.join(ATTACKS)}"
@@ -172,6 +172,7 @@ def evaluate(
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         check_world_size(accelerator)
     main = accelerator.is_main_process
+    _check_choices(protocol, attacks)  # what was asked for explicitly fails before a model (download) loads
     loaded = load_model(reference, bn_branch=bn_branch, trust_remote_code=trust_remote_code)
     base = recipe or loaded.recipe or Recipe()
     recipe = override_recipe(base, overrides, f"evaluation settings of {reference}")
