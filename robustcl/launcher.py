@@ -206,7 +206,7 @@ def check_hardware(plan_gpus: int, cpu: bool, deepspeed: Path | None) -> None:
 
 def check_pretrain_batch(command: list[str], processes: int, pretrain: TyperCommand) -> None:
     """Before a real launch of ``pretrain``: the recipe's global batch must split over the processes, checked as the
-    trainer checks it (:func:`robustcl.train.plan_batches`). Only the launcher knows the process count before the
+    trainer checks it (:func:`robustcl.data.batches.plan_batches`). Only the launcher knows the process count before the
     processes start; without this each of them would start, load the data and stop with the same error."""
     if not command or command[0] != "pretrain":
         return
@@ -217,8 +217,8 @@ def check_pretrain_batch(command: list[str], processes: int, pretrain: TyperComm
         return
     if recipe_file is None:
         return
+    from .data.batches import plan_batches
     from .recipe import load_recipe
-    from .train import plan_batches
 
     try:
         recipe = load_recipe(recipe_file, overrides)

@@ -19,7 +19,7 @@ from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
 from tqdm.auto import tqdm
 
 from .collectives import check_replicas_identical, convert_sync_batchnorm
-from .data.batches import EpochBatches, batch_random
+from .data.batches import BatchPlan, EpochBatches, batch_random, plan_batches
 from .data.loading import load_pretraining_images
 from .data.placement import ImageFeed, image_feed
 from .deepspeed_support import configure_deepspeed, deepspeed_requested, uses_deepspeed, zero_stage
@@ -131,50 +131,6 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
             "data_placement / nonfinite / max_skipped_steps and the eval / export sections may change) or a new "
             "--output-dir",
         )
-
-
-@dataclass(frozen=True)
-class BatchPlan:
-    """How the recipe's global batch is spread: processes × micro-batch × accumulation steps = batch_size."""
-
-    global_batch: int
-    processes: int
-    micro_batch: int  # images per process per forward pass
-    accumulation: int  # micro-batches per optimizer step
-
-    def describe(self) -> str:
-        return (
-            f"global batch {self.global_batch} = {self.processes} process(es) × {self.micro_batch} images × "
-            f"{self.accumulation} accumulation step(s)"
-        )
-
-
-def plan_batches(t: TrainingConfig, processes: int) -> BatchPlan:
-    """Derive the per-process micro-batch and the accumulation steps from the global ``training.batch_size``, so
-    the same recipe trains with the same effective batch on 1 process or on 16."""
-    if t.batch_size % processes:
-        raise UserError(
-            f"training.batch_size {t.batch_size} is not divisible by the {processes} processes",
-            "training.batch_size",
-            f"the batch size is global: use a multiple of {processes}",
-        )
-    per_process = t.batch_size // processes
-    micro = t.micro_batch_size or per_process
-    if per_process % micro:
-        raise UserError(
-            f"training.micro_batch_size {micro} does not divide the per-process batch {per_process} "
-            f"(batch_size {t.batch_size} / {processes} processes)",
-            "training.micro_batch_size",
-            "use a divisor of the per-process batch, or null",
-        )
-    if micro < 2:
-        # BatchNorm in train mode needs two values per channel; the recipe refuses a batch of 1, not 1 per process.
-        raise UserError(
-            f"training.batch_size {t.batch_size} over {processes} processes gives each 1 image per forward pass",
-            "training.batch_size",
-            f"use a batch size of at least {2 * processes} (2 images per process)",
-        )
-    return BatchPlan(t.batch_size, processes, micro, per_process // micro)
 
 
 @dataclass

@@ -1,10 +1,14 @@
-"""Which images each process sees at each step: a pure function of (seed, step), so resuming is exact."""
+"""How the global batch splits over processes and accumulation steps, and which images each process sees at each
+step: a pure function of (seed, step), so resuming is exact."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import UserError
+from ..recipe import TrainingConfig
 
 
 class EpochBatches:
@@ -137,3 +141,47 @@ def batch_random(
     g = torch.Generator(device=device)
     g.manual_seed(hash((seed, step, micro, 0x5EED)) & 0x7FFF_FFFF_FFFF_FFFF)
     return BatchRandom(g, local, process_index * local, num_processes * local)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """How the recipe's global batch is spread: processes × micro-batch × accumulation steps = batch_size."""
+
+    global_batch: int
+    processes: int
+    micro_batch: int  # images per process per forward pass
+    accumulation: int  # micro-batches per optimizer step
+
+    def describe(self) -> str:
+        return (
+            f"global batch {self.global_batch} = {self.processes} process(es) × {self.micro_batch} images × "
+            f"{self.accumulation} accumulation step(s)"
+        )
+
+
+def plan_batches(t: TrainingConfig, processes: int) -> BatchPlan:
+    """Derive the per-process micro-batch and the accumulation steps from the global ``training.batch_size``, so
+    the same recipe trains with the same effective batch on 1 process or on 16."""
+    if t.batch_size % processes:
+        raise UserError(
+            f"training.batch_size {t.batch_size} is not divisible by the {processes} processes",
+            "training.batch_size",
+            f"the batch size is global: use a multiple of {processes}",
+        )
+    per_process = t.batch_size // processes
+    micro = t.micro_batch_size or per_process
+    if per_process % micro:
+        raise UserError(
+            f"training.micro_batch_size {micro} does not divide the per-process batch {per_process} "
+            f"(batch_size {t.batch_size} / {processes} processes)",
+            "training.micro_batch_size",
+            "use a divisor of the per-process batch, or null",
+        )
+    if micro < 2:
+        # BatchNorm in train mode needs two values per channel; the recipe refuses a batch of 1, not 1 per process.
+        raise UserError(
+            f"training.batch_size {t.batch_size} over {processes} processes gives each 1 image per forward pass",
+            "training.batch_size",
+            f"use a batch size of at least {2 * processes} (2 images per process)",
+        )
+    return BatchPlan(t.batch_size, processes, micro, per_process // micro)
