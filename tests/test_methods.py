@@ -153,10 +153,17 @@ def test_deacl_loss_is_minus_teacher_cosine_minus_lambda(tmp_path):
 
 
 def test_deacl_refuses_a_teacher_of_another_architecture(tmp_path):
-    teacher_dir = _teacher(tmp_path)
+    teacher_dir = _teacher(tmp_path)  # stem padding 2, as the recipes
     recipe = _recipe("deacl", f"method.deacl.teacher={teacher_dir}", "model.stem_padding=1")
     with pytest.raises(UserError, match=r"architecture differs from the teacher's \(model.stem_padding\)"):
         build_method(recipe).setup(_run(tmp_path, _images()))
+    # The same network spelt two ways is not another architecture: null is the CIFAR stem's default padding, 1.
+    torch.manual_seed(5)
+    build_method(load_recipe("recipes/simclr.yaml", [*SMALL, "model.stem_padding=1"])).encoder.save_pretrained(
+        tmp_path / "padding-1"
+    )
+    recipe = _recipe("deacl", f"method.deacl.teacher={tmp_path / 'padding-1'}", "model.stem_padding=null")
+    build_method(recipe).setup(_run(tmp_path, _images()))
 
 
 def _reference_strength(epoch1, total, every):  # the authors' code, 1-based epochs

@@ -86,6 +86,9 @@ class DeACL(Method):
                 "set method.deacl.student_init=random, or use a robustcl run / export as the teacher",
             )
         ours, theirs = self.encoder.config.to_dict(), backbone.config.to_dict()
+        # The padding as built: null means the stem's default, the same network as that default written out.
+        ours["stem_padding"] = self.encoder.config.resolved_stem_padding
+        theirs["stem_padding"] = backbone.config.resolved_stem_padding
         differ = [k for k in _ARCHITECTURE_KEYS if ours.get(k) != theirs.get(k)]
         if differ or theirs.get("bn_branches"):
             what = ", ".join(f"model.{k}" for k in differ) or "bn_branches"
