@@ -153,6 +153,7 @@ class Session:
     compute: dict[str, Any]
     sync_batchnorm: bool  # BN statistics (and so the BN buffers) shared by all processes
     skipped_steps: int  # steps of the run whose update was dropped for a NaN/inf (training.nonfinite: skip)
+    checkpoint: Path | None  # the checkpoint restored, None on a fresh start
 
 
 def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
@@ -226,7 +227,7 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
     compute["dataset_images"] = len(data.images)
     return Session(
         recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, feed, total_steps, step,
-        compute, sync_bn, skipped,
+        compute, sync_bn, skipped, checkpoint,
     )  # fmt: skip
 
 
@@ -390,8 +391,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     window_loss: dict[str, torch.Tensor] = {}
     window_steps, window_finite, window_start = 0, 0, time.perf_counter()
     last_loss = float("nan")
-    skipped = session.skipped_steps
-    checkpoint = latest_checkpoint(run_dir, warn=False)
+    skipped, checkpoint = session.skipped_steps, session.checkpoint  # the newest good checkpoint, updated below
     model.train()
     with StopOnSignal() as stop, _closing(bar, session.feed):
         while step < total_steps:

@@ -46,6 +46,28 @@ def robustcl(*args: str, cwd: Path = REPO, timeout: float = 600, **env: str) -> 
     )
 
 
+def start_robustcl(*args: str, cwd: Path = REPO, **env: str) -> subprocess.Popen:
+    """``robustcl ARGS`` started in the background (as :func:`robustcl` runs it), its output piped: for tests that
+    signal or kill the process while it works."""
+    return subprocess.Popen(
+        [str(BIN / "robustcl"), *args], cwd=cwd, env=cli_env(**env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+
+
+def call_main(argv: list[str]) -> int:
+    """``robustcl ARGV`` in this process, through the console script's entry point: the exit code (the caller
+    patches sys.argv back and captures the output). Cheaper than a subprocess by seconds of imports."""
+    import pytest
+
+    from robustcl import cli
+
+    sys.argv = ["robustcl", *argv]
+    with pytest.raises(SystemExit) as exited:
+        cli.main()
+    return exited.value.code or 0
+
+
 def with_sets(*sets: str) -> list[str]:
     out: list[str] = []
     for s in sets:

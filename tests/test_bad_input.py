@@ -16,14 +16,15 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 import huggingface_hub.constants
 import PIL.Image
 import pytest
-from helpers import REPO, TINY, robustcl
+from helpers import REPO, TINY, call_main, robustcl
 
-from robustcl import cli, launcher
+from robustcl import launcher
 
 QUICK = str(REPO / "recipes" / "quickstart.yaml")
 # The shared run: the smallest real pretraining (two ACL-DS steps, both checkpointed) that writes nothing optional.
@@ -42,14 +43,6 @@ RunCli = Callable[..., tuple[int, str, str]]
 
 def sets(*overrides: str) -> list[str]:
     return [arg for override in overrides for arg in ("--set", override)]
-
-
-def call_main(argv: list[str]) -> int:
-    """``robustcl ARGV`` in this process: the exit code (the caller patches sys.argv and captures the output)."""
-    sys.argv = ["robustcl", *argv]
-    with pytest.raises(SystemExit) as exited:
-        cli.main()
-    return exited.value.code or 0
 
 
 # --------------------------------------------------------------------------------------------- the workspace
@@ -175,8 +168,9 @@ class Case:
     fix: str
 
 
-def case(*argv: str, problem: tuple[str, ...] | str, fix: str) -> Case:
-    return Case(argv, (problem,) if isinstance(problem, str) else problem, fix)
+def case(*argv: str, problem: tuple[str, ...] | str, fix: str, id: str) -> Any:
+    """One row of the table: a pytest parameter named ``id``."""
+    return pytest.param(Case(argv, (problem,) if isinstance(problem, str) else problem, fix), id=id)
 
 
 VALIDATE = ("recipe", "validate", QUICK)
@@ -186,523 +180,461 @@ EXPORT_DIR = "{run}/encoder"
 
 CASES = [
     # ---- the command line itself
-    pytest.param(
-        case("pretrain", problem="Missing argument 'RECIPE' (robustcl pretrain)", fix="see robustcl pretrain --help"),
+    case(
+        "pretrain",
+        problem="Missing argument 'RECIPE' (robustcl pretrain)",
+        fix="see robustcl pretrain --help",
         id="missing-argument",
     ),
-    pytest.param(
-        case(
-            "pretrain",
-            QUICK,
-            "--sett",
-            "training.max_steps=3",
-            problem=("No such option: --sett", "--set"),
-            fix="see robustcl pretrain --help",
-        ),
+    case(
+        "pretrain",
+        QUICK,
+        "--sett",
+        "training.max_steps=3",
+        problem=("No such option: --sett", "--set"),
+        fix="see robustcl pretrain --help",
         id="misspelled-option",
     ),
-    pytest.param(
-        case("pretrian", QUICK, problem=("No such command 'pretrian'", "Did you mean 'pretrain'?"), fix="--help"),
+    case(
+        "pretrian",
+        QUICK,
+        problem=("No such command 'pretrian'", "Did you mean 'pretrain'?"),
+        fix="--help",
         id="misspelled-command",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            "--attack-subset",
-            "0",
-            problem=("Invalid value for '--attack-subset'", "greater than or equal to 1"),
-            fix="see robustcl evaluate --help",
-        ),
+    case(
+        *EVALUATE,
+        "--attack-subset",
+        "0",
+        problem=("Invalid value for '--attack-subset'", "greater than or equal to 1"),
+        fix="see robustcl evaluate --help",
         id="option-out-of-range",
     ),
     # ---- recipe keys, types and ranges
-    pytest.param(
-        case(*VALIDATE, *sets("colour.mode=rgb"), problem="unknown recipe key 'colour'", fix="valid keys here: attack"),
+    case(
+        *VALIDATE,
+        *sets("colour.mode=rgb"),
+        problem="unknown recipe key 'colour'",
+        fix="valid keys here: attack",
         id="unknown-top-level-key",
     ),
-    pytest.param(
-        case(*VALIDATE, *sets("training.foo=8"), problem="unknown recipe key 'training.foo'", fix="batch_size"),
+    case(
+        *VALIDATE,
+        *sets("training.foo=8"),
+        problem="unknown recipe key 'training.foo'",
+        fix="batch_size",
         id="unknown-nested-key",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("training.batch_sise=8"),
-            problem=("unknown recipe key 'training.batch_sise'", "--set training.batch_sise=8"),
-            fix="did you mean 'training.batch_size'?",
-        ),
+    case(
+        *VALIDATE,
+        *sets("training.batch_sise=8"),
+        problem=("unknown recipe key 'training.batch_sise'", "--set training.batch_sise=8"),
+        fix="did you mean 'training.batch_size'?",
         id="misspelled-key",
     ),
-    pytest.param(
-        case(
-            "recipe",
-            "show",
-            "{ws}/recipes/typo.yaml",
-            problem=("unknown recipe key 'eval.attack.stepz'", "typo.yaml"),
-            fix="did you mean 'eval.attack.steps'?",
-        ),
+    case(
+        "recipe",
+        "show",
+        "{ws}/recipes/typo.yaml",
+        problem=("unknown recipe key 'eval.attack.stepz'", "typo.yaml"),
+        fix="did you mean 'eval.attack.steps'?",
         id="misspelled-key-in-recipe-file",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            *sets("eval.slf.epocs=3"),
-            problem=("unknown recipe key 'eval.slf.epocs'", "evaluation settings of"),
-            fix="did you mean 'eval.slf.epochs'?",
-        ),
+    case(
+        *EVALUATE,
+        *sets("eval.slf.epocs=3"),
+        problem=("unknown recipe key 'eval.slf.epocs'", "evaluation settings of"),
+        fix="did you mean 'eval.slf.epochs'?",
         id="misspelled-eval-key",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("training.batch_size=eight"),
-            problem=("invalid value for 'training.batch_size'", "valid integer", "'eight'"),
-            fix="fix the value",
-        ),
+    case(
+        *VALIDATE,
+        *sets("training.batch_size=eight"),
+        problem=("invalid value for 'training.batch_size'", "valid integer", "'eight'"),
+        fix="fix the value",
         id="string-for-int",
     ),
-    pytest.param(
-        case(
-            "recipe",
-            "show",
-            QUICK,
-            *sets("attack.epsilon=[1,2]"),
-            problem=("invalid value for 'attack.epsilon'", "valid number", "[1, 2]"),
-            fix="fix the value",
-        ),
+    case(
+        "recipe",
+        "show",
+        QUICK,
+        *sets("attack.epsilon=[1,2]"),
+        problem=("invalid value for 'attack.epsilon'", "valid number", "[1, 2]"),
+        fix="fix the value",
         id="list-for-float",
     ),
-    pytest.param(
-        case(
-            *PRETRAIN_FRESH,
-            *sets("attack.epsilon=-1/255"),
-            problem=("invalid value for 'attack.epsilon'", "greater than or equal to 0"),
-            fix="fix the value",
-        ),
+    case(
+        *PRETRAIN_FRESH,
+        *sets("attack.epsilon=-1/255"),
+        problem=("invalid value for 'attack.epsilon'", "greater than or equal to 0"),
+        fix="fix the value",
         id="negative-epsilon",
     ),
-    pytest.param(
-        case(
-            *PRETRAIN_FRESH,
-            *sets("training.max_steps=0"),
-            problem=("invalid value for 'training.max_steps'", "greater than 0", "(got 0)"),
-            fix="fix the value",
-        ),
+    case(
+        *PRETRAIN_FRESH,
+        *sets("training.max_steps=0"),
+        problem=("invalid value for 'training.max_steps'", "greater than 0", "(got 0)"),
+        fix="fix the value",
         id="zero-steps",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("training.batch_size=0"),
-            problem=("invalid value for 'training.batch_size'", "greater than 0"),
-            fix="fix the value",
-        ),
+    case(
+        *VALIDATE,
+        *sets("training.batch_size=0"),
+        problem=("invalid value for 'training.batch_size'", "greater than 0"),
+        fix="fix the value",
         id="zero-batch",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("data.max_samples=0"),
-            problem=("invalid value for 'data.max_samples'", "greater than 0"),
-            fix="fix the value",
-        ),
+    case(
+        *VALIDATE,
+        *sets("data.max_samples=0"),
+        problem=("invalid value for 'data.max_samples'", "greater than 0"),
+        fix="fix the value",
         id="zero-max-samples",
     ),
-    pytest.param(
-        case(
-            *VALIDATE, *sets("training.max_steps"), problem="malformed override 'training.max_steps'", fix="KEY=VALUE"
-        ),
+    case(
+        *VALIDATE,
+        *sets("training.max_steps"),
+        problem="malformed override 'training.max_steps'",
+        fix="KEY=VALUE",
         id="malformed-set",
     ),
-    pytest.param(
-        case(
-            *PRETRAIN_FRESH,
-            *sets("training.micro_batch_size=12"),
-            problem=(
-                "training.micro_batch_size 12 does not divide the per-process batch 32",
-                "(training.micro_batch_size)",
-            ),
-            fix="use a divisor of the per-process batch",
+    case(
+        *PRETRAIN_FRESH,
+        *sets("training.micro_batch_size=12"),
+        problem=(
+            "training.micro_batch_size 12 does not divide the per-process batch 32",
+            "(training.micro_batch_size)",
         ),
+        fix="use a divisor of the per-process batch",
         id="micro-batch-not-dividing",
     ),
-    pytest.param(
-        case(
-            "launch",
-            "--cpu",
-            "--gpus",
-            "3",
-            "--",
-            *PRETRAIN_FRESH,
-            *sets("training.batch_size=32"),
-            problem="training.batch_size 32 is not divisible by the 3 processes",
-            fix="use a multiple of 3",
-        ),
+    case(
+        "launch",
+        "--cpu",
+        "--gpus",
+        "3",
+        "--",
+        *PRETRAIN_FRESH,
+        *sets("training.batch_size=32"),
+        problem="training.batch_size 32 is not divisible by the 3 processes",
+        fix="use a multiple of 3",
         id="batch-not-divisible-by-processes",
     ),
-    pytest.param(
-        case(
-            "launch",
-            "--cpu",
-            "--gpus",
-            "2",
-            "--",
-            *PRETRAIN_FRESH,
-            *sets("training.batch_size=2"),
-            problem="training.batch_size 2 over 2 processes gives each 1 image per forward pass",
-            fix="use a batch size of at least 4",
-        ),
+    case(
+        "launch",
+        "--cpu",
+        "--gpus",
+        "2",
+        "--",
+        *PRETRAIN_FRESH,
+        *sets("training.batch_size=2"),
+        problem="training.batch_size 2 over 2 processes gives each 1 image per forward pass",
+        fix="use a batch size of at least 4",
         id="one-image-per-process",
     ),
     # ---- recipe files
-    pytest.param(
-        case("pretrain", "{ws}/nope.yaml", "-o", "{fresh}", problem=("recipe file not found", "nope.yaml"), fix="YAML"),
+    case(
+        "pretrain",
+        "{ws}/nope.yaml",
+        "-o",
+        "{fresh}",
+        problem=("recipe file not found", "nope.yaml"),
+        fix="YAML",
         id="recipe-file-missing",
     ),
-    pytest.param(
-        case(
-            "recipe",
-            "validate",
-            "{ws}/recipes/not_yaml.yaml",
-            problem=("recipe is not valid YAML", "not_yaml.yaml:"),
-            fix="check indentation",
-        ),
+    case(
+        "recipe",
+        "validate",
+        "{ws}/recipes/not_yaml.yaml",
+        problem=("recipe is not valid YAML", "not_yaml.yaml:"),
+        fix="check indentation",
         id="recipe-not-yaml",
     ),
-    pytest.param(
-        case(
-            "recipe",
-            "validate",
-            "{ws}/recipes/list.yaml",
-            problem=("recipe must be a mapping of sections", "list.yaml"),
-            fix="'data:'",
-        ),
+    case(
+        "recipe",
+        "validate",
+        "{ws}/recipes/list.yaml",
+        problem=("recipe must be a mapping of sections", "list.yaml"),
+        fix="'data:'",
         id="recipe-not-a-mapping",
     ),
-    pytest.param(
-        case(*EVALUATE, "--recipe", "{ws}/nope.yaml", problem=("recipe file not found", "nope.yaml"), fix="YAML"),
+    case(
+        *EVALUATE,
+        "--recipe",
+        "{ws}/nope.yaml",
+        problem=("recipe file not found", "nope.yaml"),
+        fix="YAML",
         id="evaluate-recipe-missing",
     ),
     # ---- datasets
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("data.path={ws}/no/such/dataset"),
-            problem=("dataset path not found", "data.path: ", "no/such/dataset"),
-            fix="check the path",
-        ),
+    case(
+        *VALIDATE,
+        *sets("data.path={ws}/no/such/dataset"),
+        problem=("dataset path not found", "data.path: ", "no/such/dataset"),
+        fix="check the path",
         id="dataset-path-missing",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("data.path={ws}/data/no_images"),
-            problem=("no image column in", "'text' (string), 'n' (int64)", "(data.image_column)"),
-            fix="set data.image_column",
-        ),
+    case(
+        *VALIDATE,
+        *sets("data.path={ws}/data/no_images"),
+        problem=("no image column in", "'text' (string), 'n' (int64)", "(data.image_column)"),
+        fix="set data.image_column",
         id="no-image-column",
     ),
-    pytest.param(
-        case(
-            *PRETRAIN_FRESH,
-            *sets("data.path={ws}/data/no_images"),
-            problem=("no image column in", "(data.image_column)"),
-            fix="set data.image_column",
-        ),
+    case(
+        *PRETRAIN_FRESH,
+        *sets("data.path={ws}/data/no_images"),
+        problem=("no image column in", "(data.image_column)"),
+        fix="set data.image_column",
         id="pretrain-on-no-image-column",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("data.path={ws}/data/two_images"),
-            problem=("several image columns in", "'left', 'right'"),
-            fix="set data.image_column to one of: left, right",
-        ),
+    case(
+        *VALIDATE,
+        *sets("data.path={ws}/data/two_images"),
+        problem=("several image columns in", "'left', 'right'"),
+        fix="set data.image_column to one of: left, right",
         id="several-image-columns",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("data.image_column=picture"),
-            problem=("image column 'picture' not found in builtin:digits", "(data.image_column)"),
-            fix="one of: image, label",
-        ),
+    case(
+        *VALIDATE,
+        *sets("data.image_column=picture"),
+        problem=("image column 'picture' not found in builtin:digits", "(data.image_column)"),
+        fix="one of: image, label",
         id="image-column-not-found",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("data.split=validation"),
-            problem=("split 'validation' not found", "'train', 'test'", "(data.split)"),
-            fix="set data.split to one of: train, test",
-        ),
+    case(
+        *VALIDATE,
+        *sets("data.split=validation"),
+        problem=("split 'validation' not found", "'train', 'test'", "(data.split)"),
+        fix="set data.split to one of: train, test",
         id="split-not-found",
     ),
-    pytest.param(
-        case(
-            *VALIDATE,
-            *sets("data.path={ws}/data/empty"),
-            problem=("has no rows", "(data.path / data.split)"),
-            fix="a split that contains images",
-        ),
+    case(
+        *VALIDATE,
+        *sets("data.path={ws}/data/empty"),
+        problem=("has no rows", "(data.path / data.split)"),
+        fix="a split that contains images",
         id="empty-dataset",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            *sets("eval.data.path={ws}/data/empty"),
-            problem=("has no rows", "(eval.data.path / eval.data.split)"),
-            fix="a split that contains images",
-        ),
+    case(
+        *EVALUATE,
+        *sets("eval.data.path={ws}/data/empty"),
+        problem=("has no rows", "(eval.data.path / eval.data.split)"),
+        fix="a split that contains images",
         id="evaluate-on-empty-dataset",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            *sets("eval.data.path=builtin:nothing"),
-            problem=("unknown built-in dataset 'builtin:nothing'", "(eval.data.path)"),
-            fix="builtin:digits",
-        ),
+    case(
+        *EVALUATE,
+        *sets("eval.data.path=builtin:nothing"),
+        problem=("unknown built-in dataset 'builtin:nothing'", "(eval.data.path)"),
+        fix="builtin:digits",
         id="evaluate-unknown-builtin-dataset",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            *sets("eval.data.path={ws}/data/label_out_of_range"),
-            problem=("label 5 in row 2 of column 'label' is outside 0..1", "label_out_of_range:test"),
-            fix="fix the labels",
-        ),
+    case(
+        *EVALUATE,
+        *sets("eval.data.path={ws}/data/label_out_of_range"),
+        problem=("label 5 in row 2 of column 'label' is outside 0..1", "label_out_of_range:test"),
+        fix="fix the labels",
         id="label-out-of-range",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            *sets("eval.data.path={ws}/data/negative_label", "eval.data.label_column=label"),
-            problem=("label -1 in row 2 of column 'label' is negative", "missing label", "negative_label:train"),
-            fix="fix the labels",
-        ),
+    case(
+        *EVALUATE,
+        *sets("eval.data.path={ws}/data/negative_label", "eval.data.label_column=label"),
+        problem=("label -1 in row 2 of column 'label' is negative", "missing label", "negative_label:train"),
+        fix="fix the labels",
         id="negative-label",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            *sets("eval.data.path={ws}/data/unseen_test_label", "eval.data.label_column=label"),
-            problem=("has labels the training split does not (2 ≥ 2)", "(eval.data.test_split)"),
-            fix="train and test splits of the same dataset",
-        ),
+    case(
+        *EVALUATE,
+        *sets("eval.data.path={ws}/data/unseen_test_label", "eval.data.label_column=label"),
+        problem=("has labels the training split does not (2 ≥ 2)", "(eval.data.test_split)"),
+        fix="train and test splits of the same dataset",
         id="test-label-unseen-in-training",
     ),
-    pytest.param(
-        case(
-            *EVALUATE,
-            *sets("eval.data.path={ws}/data/unseen_test_label"),
-            problem=("evaluation needs class labels", "has no label column"),
-            fix="--set eval.data.label_column=NAME",
-        ),
+    case(
+        *EVALUATE,
+        *sets("eval.data.path={ws}/data/unseen_test_label"),
+        problem=("evaluation needs class labels", "has no label column"),
+        fix="--set eval.data.label_column=NAME",
         id="no-label-column",
     ),
     # ---- run directories
-    pytest.param(
-        case(
-            "pretrain",
-            QUICK,
-            "-o",
-            "{run}",
-            *sets(*RUN_SETS, "optimizer.lr=0.1"),
-            problem=("holds a run with a different recipe (differs in: optimizer.lr)", "run/recipe.yaml"),
-            fix="use the run's own recipe",
-        ),
+    case(
+        "pretrain",
+        QUICK,
+        "-o",
+        "{run}",
+        *sets(*RUN_SETS, "optimizer.lr=0.1"),
+        problem=("holds a run with a different recipe (differs in: optimizer.lr)", "run/recipe.yaml"),
+        fix="use the run's own recipe",
         id="resume-with-incompatible-recipe",
     ),
-    pytest.param(
-        case(
-            "pretrain",
-            QUICK,
-            "-o",
-            "{run}",
-            "--no-resume",
-            *sets(*RUN_SETS),
-            problem="output directory already holds a run with checkpoints",
-            fix="resume it (--resume, the default) or choose another --output-dir",
-        ),
+    case(
+        "pretrain",
+        QUICK,
+        "-o",
+        "{run}",
+        "--no-resume",
+        *sets(*RUN_SETS),
+        problem="output directory already holds a run with checkpoints",
+        fix="resume it (--resume, the default) or choose another --output-dir",
         id="no-resume-over-checkpoints",
     ),
-    pytest.param(
-        case(
-            "pretrain",
-            QUICK,
-            "-o",
-            "{ws}/not_a_run",
-            *sets(*RUN_SETS),
-            problem=("output directory is not empty and holds no robustcl run", "not_a_run"),
-            fix="choose another --output-dir",
-        ),
+    case(
+        "pretrain",
+        QUICK,
+        "-o",
+        "{ws}/not_a_run",
+        *sets(*RUN_SETS),
+        problem=("output directory is not empty and holds no robustcl run", "not_a_run"),
+        fix="choose another --output-dir",
         id="output-dir-holds-something-else",
     ),
     # ---- models and exports
-    pytest.param(
-        case(
-            "evaluate",
-            EXPORT_DIR,
-            "--protocol",
-            "lfs",
-            problem="unknown protocol 'lfs' (--protocol)",
-            fix="choose one of slf, alf, aff",
-        ),
+    case(
+        "evaluate",
+        EXPORT_DIR,
+        "--protocol",
+        "lfs",
+        problem="unknown protocol 'lfs' (--protocol)",
+        fix="choose one of slf, alf, aff",
         id="unknown-protocol",
     ),
-    pytest.param(
-        case(
-            "evaluate",
-            EXPORT_DIR,
-            "--attack",
-            "pgd20,fgsm",
-            problem="unknown attack 'fgsm' (--attack)",
-            fix="pgd20, autoattack",
-        ),
+    case(
+        "evaluate",
+        EXPORT_DIR,
+        "--attack",
+        "pgd20,fgsm",
+        problem="unknown attack 'fgsm' (--attack)",
+        fix="pgd20, autoattack",
         id="unknown-attack",
     ),
-    pytest.param(
-        case("evaluate", "{ws}/nowhere", problem=("model folder not found", "nowhere"), fix="a run directory"),
+    case(
+        "evaluate",
+        "{ws}/nowhere",
+        problem=("model folder not found", "nowhere"),
+        fix="a run directory",
         id="model-not-found",
     ),
-    pytest.param(
-        case(
-            "cluster",
-            QUICK,
-            "--encoder",
-            "{ws}/nowhere",
-            "-o",
-            "{fresh}/labels.safetensors",
-            problem=("model folder not found", "nowhere"),
-            fix="a run directory",
-        ),
+    case(
+        "cluster",
+        QUICK,
+        "--encoder",
+        "{ws}/nowhere",
+        "-o",
+        "{fresh}/labels.safetensors",
+        problem=("model folder not found", "nowhere"),
+        fix="a run directory",
         id="cluster-encoder-not-found",
     ),
-    pytest.param(
-        case(
-            "evaluate",
-            "{ws}/exports/no_config",
-            problem=("not a run directory or a model export (no config.json)", "no_config"),
-            fix="robustcl export",
-        ),
+    case(
+        "evaluate",
+        "{ws}/exports/no_config",
+        problem=("not a run directory or a model export (no config.json)", "no_config"),
+        fix="robustcl export",
         id="export-without-config",
     ),
-    pytest.param(
-        case(
-            "evaluate",
-            "{ws}/exports/no_weights",
-            problem=("cannot load the model", "model.safetensors", "no_weights"),
-            fix="export it again",
-        ),
+    case(
+        "evaluate",
+        "{ws}/exports/no_weights",
+        problem=("cannot load the model", "model.safetensors", "no_weights"),
+        fix="export it again",
         id="export-without-weights",
     ),
-    pytest.param(
-        case(
-            "evaluate",
-            EXPORT_DIR,
-            "--bn-branch",
-            "pgd",
-            problem="--bn-branch only applies to run directories",
-            fix="robustcl export --bn-branch",
-        ),
+    case(
+        "evaluate",
+        EXPORT_DIR,
+        "--bn-branch",
+        "pgd",
+        problem="--bn-branch only applies to run directories",
+        fix="robustcl export --bn-branch",
         id="bn-branch-of-an-export",
     ),
-    pytest.param(
-        case(
-            "export",
-            "{run}",
-            "{fresh}",
-            "--bn-branch",
-            "nope",
-            problem="BN branch 'nope' does not exist",
-            fix="choose one of normal, pgd",
-        ),
+    case(
+        "export",
+        "{run}",
+        "{fresh}",
+        "--bn-branch",
+        "nope",
+        problem="BN branch 'nope' does not exist",
+        fix="choose one of normal, pgd",
         id="unknown-bn-branch",
     ),
-    pytest.param(
-        case(
-            "export",
-            "{run}",
-            "{fresh}",
-            "--classifier",
-            "slf",
-            problem=("no SLF classifier in the run directory", "eval/slf/classifier"),
-            fix="--protocol slf first",
-        ),
+    case(
+        "export",
+        "{run}",
+        "{fresh}",
+        "--classifier",
+        "slf",
+        problem=("no SLF classifier in the run directory", "eval/slf/classifier"),
+        fix="--protocol slf first",
         id="export-classifier-never-finetuned",
     ),
-    pytest.param(
-        case(
-            "export",
-            "{run}",
-            "{fresh}",
-            "--classifier",
-            "xyz",
-            problem="unknown protocol 'xyz' (--classifier)",
-            fix="choose one of slf, alf, aff",
-        ),
+    case(
+        "export",
+        "{run}",
+        "{fresh}",
+        "--classifier",
+        "xyz",
+        problem="unknown protocol 'xyz' (--classifier)",
+        fix="choose one of slf, alf, aff",
         id="export-unknown-classifier",
     ),
-    pytest.param(
-        case(
-            "export",
-            "{ws}/not_a_run",
-            "{fresh}",
-            problem=("not a robustcl run directory (no recipe.yaml)", "not_a_run"),
-            fix="--output-dir of a robustcl pretrain run",
-        ),
+    case(
+        "export",
+        "{ws}/not_a_run",
+        "{fresh}",
+        problem=("not a robustcl run directory (no recipe.yaml)", "not_a_run"),
+        fix="--output-dir of a robustcl pretrain run",
         id="export-from-a-folder-that-is-no-run",
     ),
-    pytest.param(
-        case(
-            "export",
-            "{run}",
-            "{ws}/not_a_run",
-            problem=("output folder exists and is not a robustcl export", "not_a_run"),
-            fix="choose a new or empty folder",
-        ),
+    case(
+        "export",
+        "{run}",
+        "{ws}/not_a_run",
+        problem=("output folder exists and is not a robustcl export", "not_a_run"),
+        fix="choose a new or empty folder",
         id="export-over-a-foreign-folder",
     ),
     # ---- publishing (all refused before any network call)
-    pytest.param(
-        case(
-            "push-to-hub",
-            "{ws}/exports/no_weights",
-            "my-org/acl",
-            problem=("incomplete export, missing model.safetensors", "no_weights"),
-            fix="re-run robustcl export",
-        ),
+    case(
+        "push-to-hub",
+        "{ws}/exports/no_weights",
+        "my-org/acl",
+        problem=("incomplete export, missing model.safetensors", "no_weights"),
+        fix="re-run robustcl export",
         id="push-incomplete-export",
     ),
-    pytest.param(
-        case(
-            "push-to-hub",
-            "{run}",
-            "my-org/acl",
-            problem=("not part of a robustcl export: checkpoints/", "run"),
-            fix="publish the folder exactly as robustcl export wrote it",
-        ),
+    case(
+        "push-to-hub",
+        "{run}",
+        "my-org/acl",
+        problem=("not part of a robustcl export: checkpoints/", "run"),
+        fix="publish the folder exactly as robustcl export wrote it",
         id="push-a-run-directory",
     ),
-    pytest.param(
-        case(
-            "push-to-hub",
-            "{ws}/nowhere",
-            "my-org/acl",
-            problem=("export folder not found", "nowhere"),
-            fix="a folder written by robustcl export",
-        ),
+    case(
+        "push-to-hub",
+        "{ws}/nowhere",
+        "my-org/acl",
+        problem=("export folder not found", "nowhere"),
+        fix="a folder written by robustcl export",
         id="push-missing-folder",
     ),
-    pytest.param(
-        case(
-            "push-to-hub", EXPORT_DIR, "my org/acl", problem=("invalid repo id", "'my org/acl'"), fix="NAMESPACE/NAME"
-        ),
+    case(
+        "push-to-hub",
+        EXPORT_DIR,
+        "my org/acl",
+        problem=("invalid repo id", "'my org/acl'"),
+        fix="NAMESPACE/NAME",
         id="push-malformed-repo-id",
     ),
-    pytest.param(
-        case("push-to-hub", EXPORT_DIR, "acl", problem="the repo id needs a namespace (acl)", fix="NAMESPACE/NAME"),
+    case(
+        "push-to-hub",
+        EXPORT_DIR,
+        "acl",
+        problem="the repo id needs a namespace (acl)",
+        fix="NAMESPACE/NAME",
         id="push-repo-id-without-namespace",
     ),
 ]

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import BIN, REPO, TINY, cli_env, robustcl, with_sets
+from helpers import TINY, robustcl, start_robustcl, with_sets
 from safetensors.torch import load_file
 
 from robustcl.preemption import EXIT_STOPPED
@@ -38,10 +38,7 @@ ARGS = ["pretrain", "recipes/quickstart.yaml", *with_sets(*SETS)]
 
 
 def _start(run: Path) -> subprocess.Popen:
-    return subprocess.Popen(
-        [str(BIN / "robustcl"), *ARGS, "-o", str(run)], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    return start_robustcl(*ARGS, "-o", str(run))
 
 
 def _logged_steps(run: Path) -> list[int]:

@@ -11,10 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import REPO, TINY, with_sets
+from helpers import REPO, TINY, call_main, with_sets
 from safetensors.torch import load_file
-
-from robustcl.cli import main
 
 pytestmark = pytest.mark.slow
 
@@ -34,11 +32,9 @@ DIVERGING = [
 
 
 def _pretrain(run: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture, *sets: str) -> tuple:
-    argv = ["robustcl", "pretrain", str(REPO / "recipes" / "quickstart.yaml"), "-o", str(run)]
-    monkeypatch.setattr(sys, "argv", [*argv, *with_sets(*DIVERGING, *sets)])
-    with pytest.raises(SystemExit) as exit:
-        main()
-    return exit.value.code, capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", sys.argv)  # call_main changes it
+    argv = ["pretrain", str(REPO / "recipes" / "quickstart.yaml"), "-o", str(run), *with_sets(*DIVERGING, *sets)]
+    return call_main(argv), capsys.readouterr().err
 
 
 def _state(checkpoint: Path) -> dict[str, torch.Tensor]:

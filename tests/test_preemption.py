@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import BIN, REPO, TINY, cli_env, with_sets
+from helpers import TINY, start_robustcl, with_sets
 
 from robustcl.run_dir import checkpoint_problem, complete_checkpoints
 
@@ -18,11 +18,7 @@ pytestmark = pytest.mark.slow
 
 def _start(run: Path, *sets: str) -> subprocess.Popen:
     sets = with_sets(*TINY, "eval.after_pretrain=false", *sets)
-    args = ["pretrain", "recipes/quickstart.yaml", "-o", str(run), *sets]
-    return subprocess.Popen(
-        [str(BIN / "robustcl"), *args], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True,
-    )  # fmt: skip
+    return start_robustcl("pretrain", "recipes/quickstart.yaml", "-o", str(run), *sets)
 
 
 def _wait_for_steps(run: Path, steps: int, proc: subprocess.Popen, timeout: float = 120) -> None:
