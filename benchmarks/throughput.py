@@ -122,7 +122,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, pha
         encoder_flops = count_flops(lambda: method.encoder(probe, bn_branch=method.export_branch))
         mixed = session.accelerator.mixed_precision
         achieved = flops / (ms / 1e3) / 1e12
-        session.feed.close()
+        session.close()
         return {
             "command": shlex.join(["python", *sys.argv]),
             "recipe": recipe_path,

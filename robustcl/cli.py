@@ -58,24 +58,40 @@ def pretrain(
             "touch a run directory that already holds checkpoints.",
         ),
     ] = True,
+    allow_data_change: Annotated[
+        bool,
+        typer.Option(
+            "--allow-data-change",
+            help="Resume even though the training data differs from the data the run started with (rows, "
+            "columns, classes, sampled images or labels); the run then records the new data.",
+        ),
+    ] = False,
 ) -> None:
     """Pretrain an encoder with the recipe's method; checkpoints, metrics and the exported encoder go to the
-    run directory. Works under `accelerate launch` (one or many processes)."""
+    run directory. Works under `accelerate launch` (one or many processes). A finished run started again is left
+    as it is; a longer training length (training.max_steps / epochs) resumes it."""
     from .recipe import load_recipe
     from .train import pretrain as run_pretrain
 
     loaded = load_recipe(recipe, set_)
-    summary = run_pretrain(loaded, output_dir or _default_run_dir(recipe), resume=resume)
-    if _is_main_process():
+    run_dir = output_dir or _default_run_dir(recipe)
+    summary = run_pretrain(loaded, run_dir, resume=resume, allow_data_change=allow_data_change)
+    if not _is_main_process():
+        return
+    loss = "none logged" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+    if summary.already_finished:
         typer.echo(
-            f"\nrobustcl: trained {summary.steps} steps in {summary.wall_time_s:.1f}s "
-            f"(final loss {summary.final_loss:.4f})"
+            f"robustcl: {run_dir} already finished ({summary.steps} steps in {summary.wall_time_s:.1f}s, final "
+            f"loss {loss}); nothing changed — raise training.max_steps or training.epochs to train on"
         )
+        typer.echo(f"robustcl: its encoder is {summary.encoder_dir}")
+    else:
+        typer.echo(f"\nrobustcl: trained {summary.steps} steps in {summary.wall_time_s:.1f}s (final loss {loss})")
         typer.echo(f"robustcl: encoder exported to {summary.encoder_dir}")
-        if summary.evaluation:
-            from .evaluation import format_table
+    if summary.evaluation and not summary.already_finished:
+        from .evaluation import format_table
 
-            typer.echo("\n" + format_table(summary.evaluation))
+        typer.echo("\n" + format_table(summary.evaluation))
 
 
 @app.command()
@@ -117,8 +133,10 @@ def evaluate(
         typer.Option(
             "--output",
             "-o",
-            help="eval.json to write; the robustness curve PNG goes beside it "
-            "(default: RUN_DIR/eval/PROTOCOL/eval.json, else eval/MODEL/PROTOCOL/eval.json).",
+            help="eval.json to write, or a folder for it (a name without .json); the robustness curve PNG and the "
+            "finetuned classifier/ go beside it. Refused inside model folders, among a run's own files and over "
+            "files that are not evaluation reports (default: RUN_DIR/eval/PROTOCOL/eval.json, else "
+            "eval/MODEL/PROTOCOL/eval.json).",
             show_default=False,
         ),
     ] = None,
@@ -168,7 +186,11 @@ def evaluate(
 def export(
     run_dir: Annotated[Path, typer.Argument(help="A run directory written by `robustcl pretrain`.")],
     out_dir: Annotated[
-        Path, typer.Argument(help="Folder to write (new or empty; an earlier export there is replaced).")
+        Path,
+        typer.Argument(
+            help="Folder to write: new, empty, or an earlier export (a clone of its Hub repo, say), where only the "
+            "export's own files are replaced and everything else is kept."
+        ),
     ],
     bn_branch: Annotated[
         str | None,
@@ -199,7 +221,10 @@ def export(
     (AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True) works without robustcl), preprocessor_config.json,
     README.md model card, recipe.yaml, and the run's evaluations of exactly these weights (eval/<protocol>/)."""
     from .export import export_run
+    from .model_card import given_repo_id
 
+    if repo_id is not None:
+        repo_id = given_repo_id(repo_id)  # a name typed here is refused; a default from a folder name is cleaned
     result = export_run(
         run_dir, out_dir, bn_branch, classifier=classifier, repo_id=repo_id, card_template=card_template
     )
@@ -281,6 +306,18 @@ def push_to_hub(
     commit_message: Annotated[
         str | None, typer.Option(help="Commit message (default: 'Upload NAME (robustcl VERSION export)').")
     ] = None,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=1,
+            metavar="SECONDS",
+            help="Seconds the Hub may stay silent (connecting, between bytes sent or received, waiting for a free "
+            "connection) before the push stops and names the request that got no answer. A bound on silence, not on "
+            "the whole push: a large model uploads at any steady speed. 60 s leaves the Hub time to check a large "
+            "commit before it answers; requests huggingface_hub retries (listing files, pre-upload checks; up to 5 "
+            "times) get it per try. Xet storage transfers use hf_xet's own timeouts.",
+        ),
+    ] = 60.0,
 ) -> None:
     """Publish an export folder as a single commit (the repo is created if needed). Uses HF_TOKEN or the login cache
     (`hf auth login`) and HF_ENDPOINT; refuses folders that are not a complete export or hold other files."""
@@ -293,6 +330,7 @@ def push_to_hub(
         revision=revision,
         create_pr=create_pr,
         commit_message=commit_message,
+        timeout=timeout,
     )
     typer.echo(f"robustcl: pushed {len(result.files)} files to {result.repo_url}")
     typer.echo(f"robustcl: commit {result.commit_url}")

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import shlex
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
@@ -143,3 +145,34 @@ def _parent_argv() -> list[str] | None:
             return [part.decode(errors="replace") for part in f.read().split(b"\0") if part]
     except OSError:
         return None
+
+
+def raise_on_every_process(accelerator: Accelerator, error: UserError | None) -> None:
+    """Raise the main process's ``error`` (None: no error) on every process, so that a refusal decided there ends
+    every process with the same message and exit code instead of leaving the others waiting in a collective."""
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        # Plain strings and ints between our own processes.
+        message = [None if error is None else (str(error), error.exit_code)]
+        broadcast_object_list(message, from_process=0)
+        if message[0] is not None and error is None:
+            error = UserError(message[0][0])
+            error.exit_code = message[0][1]
+    if error is not None:
+        raise error
+
+
+@contextmanager
+def on_main_process(accelerator: Accelerator, context: Callable[[], AbstractContextManager]) -> Iterator[None]:
+    """Enter ``context()`` (e.g. a folder lock) on the main process only, for the block; when entering it raises a
+    :class:`UserError`, every process raises it."""
+    with ExitStack() as stack:
+        error = None
+        if accelerator.is_main_process:
+            try:
+                stack.enter_context(context())
+            except UserError as err:
+                error = err
+        raise_on_every_process(accelerator, error)
+        yield

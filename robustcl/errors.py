@@ -4,6 +4,8 @@ diverged run; exit code 1)."""
 
 from __future__ import annotations
 
+import errno
+
 
 class UserError(Exception):
     """A problem in the user's input. The CLI prints it on one line and exits with code 2.
@@ -40,3 +42,26 @@ class NonFiniteLoss(UserError):
     before it are intact. Exit code 1."""
 
     exit_code = 1
+
+
+class FolderBusy(UserError):
+    """Another process is writing the folder. The input was fine and the same command works once it is done:
+    exit code 1."""
+
+    exit_code = 1
+
+
+# How a failed write surfaces besides OSError: torch.save's RuntimeError, safetensors' own error (Rust io errors).
+_WRITE_FAILURES = ("No space left", "StorageFull", "os error 28", "Disk quota", "file write failed")
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """Whether ``err`` is the disk refusing a write (full, read-only, quota), whichever library raised it."""
+    return isinstance(err, OSError) or any(text in str(err) for text in _WRITE_FAILURES)
+
+
+def describe_write_failure(err: BaseException) -> str:
+    """A failed write in a few words, e.g. "the disk is full"."""
+    if getattr(err, "errno", None) == errno.ENOSPC or any(t in str(err) for t in ("No space left", "StorageFull")):
+        return "the disk is full"
+    return getattr(err, "strerror", None) or str(err).splitlines()[0]

@@ -6,12 +6,14 @@ weights. The folder list is in ``export_layout``.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from .errors import StorageError, UserError, describe_write_failure, is_write_failure
 from .export_layout import (
     CARD_FILE,
     CLASSIFIER_DIR,
@@ -24,12 +26,15 @@ from .export_layout import (
     RECIPE_FILE,
     REPORT_FILE,
     WEIGHTS_FILE,
+    export_file_set,
     export_files,
     read_model_type,
 )
 from .fingerprint import weights_sha256
+from .locking import folder_lock
 from .methods.base import Method
 from .model_card import CardFacts, render_model_card
+from .model_loading import check_model_size, load_checkpoint_weights, load_model_folder
 from .models import RobustCLResNetForImageClassification, RobustCLResNetModel, RobustCLResNetPreTrainedModel
 from .recipe import Recipe
 from .run_dir import TRAIN_STATE, read_run_recipe, require_checkpoint
@@ -67,18 +72,82 @@ def image_processor_config(resolution: int) -> dict[str, Any]:
     }
 
 
-def _prepare_output(out_dir: Path) -> Path:
-    """A temporary sibling of ``out_dir``; refuses to replace a folder that is not an earlier export."""
-    if out_dir.exists() and any(out_dir.iterdir()) and read_model_type(out_dir) != MODEL_TYPE:
+def _export_target(out_dir: Path) -> Path:
+    """The folder to write: ``out_dir`` itself, or the folder a symbolic link there points to. Refuses a file, a
+    link to nothing or to a file, and a folder that is neither empty nor a robustcl export (its other files would
+    be mixed with the export's)."""
+    if out_dir.is_symlink() and not out_dir.is_dir():
+        raise UserError(
+            "the output folder is a symbolic link to no folder",
+            f"{out_dir} → {os.readlink(out_dir)}",
+            "give a folder, or make the link point to one",
+        )
+    target = out_dir.resolve() if out_dir.is_symlink() else out_dir
+    if target.exists() and not target.is_dir():
+        raise UserError("the output path is a file, not a folder", str(out_dir), "give a folder path for the export")
+    if target.is_dir() and any(target.iterdir()) and read_model_type(target) != MODEL_TYPE:
         raise UserError(
             "output folder exists and is not a robustcl export",
             str(out_dir),
-            "choose a new or empty folder (an earlier export is replaced)",
+            "choose a new or empty folder (in an earlier export, only the export's own files are replaced)",
         )
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    return tmp
+    return target
+
+
+def _readable_files(folder: Path) -> None:
+    """Every written file readable by all, as the umask allows (safetensors creates its file private, 0600)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
+def _write_files(
+    folder: Path, model: RobustCLResNetPreTrainedModel, facts: CardFacts, eval_dirs: dict[str, Path], card: Any
+) -> None:
+    """Every file of the export into ``folder``, checked to be exactly a complete export."""
+    is_classifier = isinstance(model, RobustCLResNetForImageClassification)
+    # auto_map + copied modeling files: AutoModel.from_pretrained(..., trust_remote_code=True) works with
+    # transformers and torch alone.
+    type(model.config).register_for_auto_class()
+    type(model).register_for_auto_class("AutoModelForImageClassification" if is_classifier else "AutoModel")
+    model.save_pretrained(folder, safe_serialization=True)
+    if is_classifier:
+        # The encoder alone loads from the same folder (weights under `robustcl.`).
+        config = json.loads((folder / CONFIG_FILE).read_text())
+        config["auto_map"]["AutoModel"] = f"modeling_robustcl.{RobustCLResNetModel.__name__}"
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps(image_processor_config(facts.resolution), indent=2) + "\n")
+    if facts.recipe is not None:
+        (folder / RECIPE_FILE).write_text(facts.recipe.to_yaml())
+    for protocol, source in eval_dirs.items():
+        target = folder / EVAL_DIR / protocol
+        target.mkdir(parents=True)
+        for name in (REPORT_FILE, CURVE_FILE):
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, target / name)
+    card.save(folder / CARD_FILE)
+    _readable_files(folder)
+    export_files(folder)  # the folder is exactly a complete export
+
+
+def _install(new: Path, target: Path) -> None:
+    """Move the export files of ``new`` into ``target``, each replaced atomically, and delete the export files of
+    an earlier export there that this one lacks (an evaluation it no longer ships). Nothing else in ``target`` —
+    a git checkout's ``.git``, notes — is touched. config.json goes last: until then ``target`` loads as before."""
+    files = sorted(export_files(new), key=lambda rel: rel == CONFIG_FILE)
+    stale = {rel for rel in export_file_set() if (target / rel).is_file()} - set(files)
+    target.mkdir(parents=True, exist_ok=True)
+    for rel in files:
+        (target / rel).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(new / rel, target / rel)
+    for rel in sorted(stale):
+        (target / rel).unlink()
+    for protocol in PROTOCOLS:  # evaluation folders left empty
+        for folder in (target / EVAL_DIR / protocol, target / EVAL_DIR):
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
 
 
 def write_export(
@@ -88,44 +157,30 @@ def write_export(
     eval_dirs: dict[str, Path] | None = None,
     card_template: Path | None = None,
 ) -> None:
-    """Write the export folder. It is assembled in a temporary sibling and renamed into place, so a failure never
-    leaves a half-written export (an earlier export at ``out_dir`` stays until the new one is complete).
+    """Write the export folder: assembled in a temporary sibling, then its files are moved into ``out_dir``. A
+    failure while writing leaves ``out_dir`` as it was; other files in ``out_dir`` are never touched. Another
+    process exporting into the same folder is refused (:class:`~robustcl.errors.FolderBusy`).
 
     ``eval_dirs`` maps a protocol to the folder holding its ``eval.json`` (and curve PNG) to ship.
     """
     out_dir = Path(out_dir)
     model = model.cpu().eval()
-    is_classifier = isinstance(model, RobustCLResNetForImageClassification)
     card = render_model_card(facts, card_template)  # before any file is written: a bad template fails first
-    tmp = _prepare_output(out_dir)
-    try:
-        # auto_map + copied modeling files: AutoModel.from_pretrained(..., trust_remote_code=True) works with
-        # transformers and torch alone.
-        type(model.config).register_for_auto_class()
-        type(model).register_for_auto_class("AutoModelForImageClassification" if is_classifier else "AutoModel")
-        model.save_pretrained(tmp, safe_serialization=True)
-        if is_classifier:
-            # The encoder alone loads from the same folder (weights under `robustcl.`).
-            config = json.loads((tmp / CONFIG_FILE).read_text())
-            config["auto_map"]["AutoModel"] = f"modeling_robustcl.{RobustCLResNetModel.__name__}"
-            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        (tmp / PREPROCESSOR_FILE).write_text(json.dumps(image_processor_config(facts.resolution), indent=2) + "\n")
-        if facts.recipe is not None:
-            (tmp / RECIPE_FILE).write_text(facts.recipe.to_yaml())
-        for protocol, source in (eval_dirs or {}).items():
-            target = tmp / EVAL_DIR / protocol
-            target.mkdir(parents=True)
-            for name in (REPORT_FILE, CURVE_FILE):
-                if (Path(source) / name).is_file():
-                    shutil.copyfile(Path(source) / name, target / name)
-        card.save(tmp / CARD_FILE)
-        export_files(tmp)  # the folder is exactly a complete export
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    with folder_lock(out_dir, "export", "wait until it ends, or export into another folder"):
+        target = _export_target(out_dir)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent) as tmp:
+                _write_files(Path(tmp), model, facts, eval_dirs or {}, card)
+                _install(Path(tmp), target)
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            raise StorageError(
+                f"could not write the export: {describe_write_failure(err)}",
+                str(out_dir),
+                "free some space or choose a folder you can write to, and export again",
+            ) from None
 
 
 def export_encoder(
@@ -157,8 +212,6 @@ def _branch_for(method: Method, recipe: Recipe, bn_branch: str | None) -> str | 
 def _method_from_run(run_dir: Path) -> tuple[Method, Recipe, dict[str, Any]]:
     """Rebuild a run's method from its recipe, load its newest complete checkpoint (strictly) and return the
     checkpoint's compute record (steps, images seen, wall time, hardware)."""
-    from safetensors.torch import load_file
-
     from .methods import build_method
 
     run_dir = Path(run_dir)
@@ -170,8 +223,20 @@ def _method_from_run(run_dir: Path) -> tuple[Method, Recipe, dict[str, Any]]:
             "give the --output-dir of a robustcl pretrain run",
         )
     checkpoint = require_checkpoint(run_dir)
+    check_model_size(
+        recipe.model,
+        str(run_dir / RECIPE_FILE),
+        "use a machine with more memory (model.widths and model.block_layers set the size)",
+    )
     method = build_method(recipe)
-    method.load_state_dict(load_file(checkpoint / WEIGHTS_FILE), strict=True)
+    # A checkpoint that does not fit the recipe's model (robustcl wrote it for another model.* section) is refused
+    # in one line, not loaded partly.
+    load_checkpoint_weights(
+        method,
+        checkpoint / WEIGHTS_FILE,
+        "the checkpoint does not belong to this run's recipe.yaml: give the run directory it was written in, or "
+        "move this checkpoint folder away to use an earlier one",
+    )
     state = json.loads((checkpoint / TRAIN_STATE).read_text())
     compute = {"steps": int(state["step"]), **state.get("compute", {})}
     if "images_seen" not in compute:  # checkpoints written before the compute record existed
@@ -235,7 +300,11 @@ def _load_classifier(run_dir: Path, protocol: str, encoder_fingerprint: str) -> 
             str(folder / REPORT_FILE),
             f"re-run robustcl evaluate {run_dir} --protocol {protocol}",
         )
-    model = RobustCLResNetForImageClassification.from_pretrained(folder / CLASSIFIER_DIR).eval()
+    model = load_model_folder(
+        RobustCLResNetForImageClassification,
+        folder / CLASSIFIER_DIR,
+        f"re-run robustcl evaluate {run_dir} --protocol {protocol}",
+    ).eval()
     if weights_sha256(model) != report.get("classifier_sha256"):
         raise UserError(
             "the saved classifier's weights are not the ones its eval.json measured",

@@ -16,11 +16,14 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .errors import UserError
+from .hub import REPO_ID_RULE, invalid_repo_id
 from .methods.base import Method
 from .models import RobustCLResNetPreTrainedModel
-from .recipe import Recipe
+from .recipe import Recipe, _one_line, _shown
 
 TEMPLATE_NAME = "robustcl_model_card.md"
+REPO_ID_WHERE = "--repo-id / export.repo_id"
+DEFAULT_REPO_NAME = "model"  # the card's repo id when a folder name has nothing usable
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
 _PROTOCOL_TEXT = {
     "slf": "frozen encoder, linear head trained on clean images",
@@ -31,7 +34,10 @@ _PROTOCOL_TEXT = {
 
 @dataclass
 class CardFacts:
-    """What the card states, all measured or recorded by robustcl."""
+    """What the card states, all measured or recorded by robustcl.
+
+    ``repo_id``: given (``--repo-id``, ``export.repo_id``) or the default, a folder's name; see :func:`card_repo_id`.
+    """
 
     repo_id: str
     license: str
@@ -54,6 +60,41 @@ def default_template() -> Path:
     return path
 
 
+def repo_name_from_folder(name: str) -> str:
+    """A valid repo name made from a folder's name: its letters, digits, '.', '_' and '-', the rest joined by '-'."""
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name)
+    name = re.sub(r"\.{2,}", ".", re.sub(r"-{2,}", "-", name))
+    while (trimmed := name[:96].strip("-.").removesuffix(".git")) != name:  # each cut may expose another end
+        name = trimmed
+    return name if name and not invalid_repo_id(name) else DEFAULT_REPO_NAME
+
+
+def given_repo_id(repo_id: str) -> str:
+    """A repo id the user gave (``--repo-id``, ``export.repo_id``), refused unless it is a Hub repo id."""
+    if invalid_repo_id(repo_id):
+        raise UserError(f"not a Hub repo id: {_shown(repo_id)}", REPO_ID_WHERE, f"use {REPO_ID_RULE}")
+    return repo_id
+
+
+def card_repo_id(repo_id: str) -> str:
+    """The repo id the card names, safe to put into its YAML metadata and its Python example.
+
+    A repo id with a '/' was given (``--repo-id``, ``export.repo_id``): folder names, the defaults, never hold one.
+    It must be a Hub repo id, else it is refused. A bare name may be the default, the export folder's (or the run's)
+    name: whatever that folder is called, the export (or the end of a pretraining run) must not fail over a name the
+    user never chose as a repo id, so an invalid one is turned into a valid one instead of being refused.
+    """
+    if "/" in repo_id or not invalid_repo_id(repo_id):
+        return given_repo_id(repo_id)
+    return repo_name_from_folder(repo_id)
+
+
+def _md(text: str) -> str:
+    """User text (folder, split, configuration names) as a markdown table cell or code span can hold it: on one
+    line (control characters escaped), backticks (they would end the span) replaced, pipes (cell ends) escaped."""
+    return _one_line(text).replace("`", "'").replace("|", "\\|")
+
+
 def _pct(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.2f}%"
 
@@ -72,10 +113,11 @@ def _duration(seconds: float) -> str:
 
 
 def dataset_display(path: str) -> str:
-    """A Hub dataset id as is; a local path by its folder name (cards are public, local paths are not)."""
-    if _HUB_ID.match(path) or path.startswith("builtin:"):
-        return path
-    return f"{Path(path).name or path} (local files)"
+    """A Hub dataset id as is; a local path by its folder name (cards are public, local paths are not). On one
+    line: it goes into the card's metadata."""
+    if _HUB_ID.fullmatch(path) or path.startswith("builtin:"):
+        return _one_line(path)
+    return _one_line(f"{Path(path).name or path} (local files)")
 
 
 def _architecture(facts: CardFacts) -> dict[str, Any]:
@@ -90,7 +132,7 @@ def _architecture(facts: CardFacts) -> dict[str, Any]:
         "resolution": facts.resolution,
         "mean": [round(m, 4) for m in config.image_mean],
         "std": [round(s, 4) for s in config.image_std],
-        "bn_branch": facts.bn_branch,
+        "bn_branch": _md(facts.bn_branch) if facts.bn_branch else None,
     }
 
 
@@ -106,8 +148,8 @@ def _pretraining(facts: CardFacts) -> dict[str, Any] | None:
         else "none"
     )
     return {
-        "data": dataset_display(recipe.data.path) + (f" [{recipe.data.name}]" if recipe.data.name else ""),
-        "split": recipe.data.split,
+        "data": _md(dataset_display(recipe.data.path) + (f" [{recipe.data.name}]" if recipe.data.name else "")),
+        "split": _md(recipe.data.split),
         "max_samples": recipe.data.max_samples,
         "resolution": recipe.data.resolution,
         "objective": facts.method.describe() if facts.method is not None else recipe.method.name,
@@ -129,7 +171,7 @@ def _compute(facts: CardFacts) -> dict[str, Any] | None:
         "images_seen": f"{c['images_seen']:,}",
         "epochs": f"{c['images_seen'] / size:.1f}" if size else "–",
         "wall_time": _duration(c["wall_time_s"]),
-        "hardware": "; ".join(c["hardware"]) or "–",
+        "hardware": _md("; ".join(c["hardware"])) or "–",
     }
 
 
@@ -139,7 +181,7 @@ def _evaluation_rows(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
         rows.append(
             {
                 "protocol": e["protocol"].upper(),
-                "dataset": dataset_display(e["dataset"]["path"]) + f" ({e['dataset']['test_split']})",
+                "dataset": _md(dataset_display(e["dataset"]["path"]) + f" ({e['dataset']['test_split']})"),
                 "epsilon": _eps(e["epsilon"]),
                 "SA": _pct(e["SA"]),
                 "RA": _pct(e["RA"]),
@@ -187,8 +229,8 @@ def eval_results(evaluations: list[dict[str, Any]]) -> list[EvalResult]:
                     task_name="Image classification",
                     dataset_type=dataset_display(data["path"]),
                     dataset_name=dataset_display(data["path"]),
-                    dataset_config=data.get("name"),
-                    dataset_split=data["test_split"],
+                    dataset_config=_one_line(data["name"]) if data.get("name") else None,
+                    dataset_split=_one_line(data["test_split"]),
                     metric_type="accuracy",
                     metric_name=f"{name}, {protocol.upper()}",
                     metric_config=protocol,
@@ -210,12 +252,13 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
     template = Path(template) if template is not None else default_template()
     if not template.is_file():
         raise UserError("model card template not found", str(template), "give an existing jinja markdown file")
+    repo_id = card_repo_id(facts.repo_id)
     method_name = facts.recipe.method.name if facts.recipe else None
-    datasets = [facts.recipe.data.path] if facts.recipe and _HUB_ID.match(facts.recipe.data.path) else None
+    datasets = [facts.recipe.data.path] if facts.recipe and _HUB_ID.fullmatch(facts.recipe.data.path) else None
     is_classifier = facts.classifier_protocol is not None
     results = eval_results(facts.evaluations)
     data = ModelCardData(
-        model_name=facts.repo_id.split("/")[-1],
+        model_name=repo_id.split("/")[-1],
         license=facts.license,
         library_name="transformers",
         pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
@@ -230,7 +273,7 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
     method = {"name": display, "paper": getattr(facts.method, "paper", None)}
     adversarial = facts.method is None or facts.method.adversarial
     kind = "robust " if adversarial else ""
-    title = f"{facts.repo_id.split('/')[-1]}: " + (
+    title = f"{repo_id.split('/')[-1]}: " + (
         f"{kind}classifier ({facts.classifier_protocol.upper()})" if is_classifier else f"{kind}image encoder"
     )
     summary = (
@@ -257,7 +300,7 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
             template_path=str(template),
             title=title,
             summary=summary,
-            repo_id=facts.repo_id,
+            repo_id=repo_id,
             method=method,
             arch=_architecture(facts),
             classifier=classifier,

@@ -9,12 +9,28 @@ from __future__ import annotations
 import difflib
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from .errors import UserError
+from .models.configuration_robustcl import (
+    MAX_BLOCKS_PER_STAGE,
+    MAX_PARAMETERS,
+    MAX_STAGES,
+    MAX_WIDTH,
+    estimate_parameters,
+)
 
 
 def _parse_fraction(value: Any) -> Any:
@@ -41,13 +57,41 @@ Hue = Annotated[float, Field(ge=0, le=0.5)]  # ColorJitter's hue shift is a frac
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 # Convolution kernel of each stem: the input (data.resolution + 2 × padding) must be at least this large.
 _STEM_KERNEL = {"cifar": 3, "imagenet": 7}
+# Side of the square images data is decoded to. A 4096² RGB image is 48 MB decoded; beyond that a ResNet encoder is
+# not what anyone trains, and a typo (100000) would ask for 30 GB per image.
+MAX_RESOLUTION = 4096
 _STEM_PADDING = {"cifar": 1, "imagenet": 3}
+
+
+def _type_args(annotation: Any) -> set[Any]:
+    """The plain types and Literal values a field's annotation is made of (unions, Annotated and lists opened)."""
+    if get_origin(annotation) is Literal:
+        return set(get_args(annotation))
+    args = get_args(annotation)
+    return set().union(*(_type_args(a) for a in args)) if args else {annotation}
+
+
+def _numbers_only(annotation: Any) -> bool:
+    """Whether a field holds numbers (or lists of them) and no booleans: there, true/false is a mistake."""
+    kinds = _type_args(annotation)
+    return bool(kinds & {int, float}) and bool not in kinds and not any(isinstance(k, bool) for k in kinds)
 
 
 class Section(BaseModel):
     # allow_inf_nan: a NaN or infinite ε, learning rate or probability is never meant, and only shows up as a
     # NaN loss steps later.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_booleans_for_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # Python counts True as 1: pydantic would read `max_steps: true` as one step.
+        items = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(item, bool) for item in items) and _numbers_only(
+            cls.model_fields[info.field_name].annotation
+        ):
+            raise ValueError("expected a number, got a boolean (true/false)")
+        return value
 
 
 class AugmentConfig(Section):
@@ -87,17 +131,23 @@ class DataConfig(Section):
     split: str = Field("train", description="split used for pretraining")
     image_column: str | None = Field(None, description="image column; auto-detected when unambiguous")
     label_column: str | None = Field(None, description="class-label column (evaluation only); auto-detected")
-    resolution: int = Field(32, gt=0, description="images are resized to resolution×resolution")
+    resolution: int = Field(
+        32, gt=0, le=MAX_RESOLUTION, description="images are resized to resolution×resolution (at most 4096)"
+    )
     max_samples: int | None = Field(None, gt=0, description="use only the first N images of the split")
 
 
 class ModelConfig(Section):
     """The ResNet encoder (CIFAR or ImageNet stem); normalisation lives inside the model."""
 
-    block_layers: list[PositiveInt] = Field(
-        [2, 2, 2, 2], min_length=1, description="basic blocks per stage (ResNet-18: 2,2,2,2)"
+    # Bounded like the model's own config (limits and why: models/configuration_robustcl.py), so that a recipe
+    # is refused by `recipe validate` and before `pretrain` writes anything, naming the key.
+    block_layers: list[Annotated[int, Field(ge=1, le=MAX_BLOCKS_PER_STAGE)]] = Field(
+        [2, 2, 2, 2], min_length=1, max_length=MAX_STAGES, description="basic blocks per stage (ResNet-18: 2,2,2,2)"
     )
-    widths: list[PositiveInt] = Field([64, 128, 256, 512], min_length=1, description="channels per stage")
+    widths: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
+        [64, 128, 256, 512], min_length=1, max_length=MAX_STAGES, description="channels per stage"
+    )
     stem: Literal["cifar", "imagenet"] = Field("cifar", description="cifar: 3×3 s1 conv; imagenet: 7×7 s2 + pool")
     stem_padding: int | None = Field(None, ge=0, description="stem conv padding (default 1 cifar, 3 imagenet)")
     image_mean: list[float] = Field(
@@ -112,6 +162,21 @@ class ModelConfig(Section):
         if len(self.block_layers) != len(self.widths):
             raise ValueError("model.block_layers and model.widths must have the same length")
         return self
+
+    @model_validator(mode="after")
+    def _not_too_large(self) -> ModelConfig:
+        size = self.estimated_parameters()
+        if size > MAX_PARAMETERS:
+            raise ValueError(
+                f"model.block_layers {self.block_layers} and model.widths {self.widths} make about {size:,} "
+                f"parameters, more than the {MAX_PARAMETERS:,} robustcl builds: lower model.block_layers or "
+                "model.widths"
+            )
+        return self
+
+    def estimated_parameters(self, bn_branches: int = 1) -> int:
+        """Values in the encoder's state dict (with ``bn_branches`` copies of every BatchNorm), without building it."""
+        return estimate_parameters(self.block_layers, self.widths, self.stem, len(self.image_mean), bn_branches)
 
 
 class ACLOptions(Section):
@@ -322,7 +387,9 @@ class EvalDataConfig(Section):
     test_split: str = Field("test", description="split SA / RA / AA are measured on")
     image_column: str | None = Field(None, description="image column; auto-detected when unambiguous")
     label_column: str | None = Field(None, description="class-label column; auto-detected when unambiguous")
-    resolution: int | None = Field(None, gt=0, description="image size (default: data.resolution)")
+    resolution: int | None = Field(
+        None, gt=0, le=MAX_RESOLUTION, description="image size (default: data.resolution; at most 4096)"
+    )
     max_train: int | None = Field(None, gt=0, description="use only the first N training images")
     max_test: int | None = Field(None, gt=0, description="use only the first N test images")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training split held out for model selection")
@@ -405,6 +472,27 @@ class ExportConfig(Section):
         None, description="Hub repo id the model card's loading example names (default: the export folder's name)"
     )
 
+    # Both go into the model card's YAML metadata and text: anything but an identifier could rewrite them.
+    @field_validator("license")
+    @classmethod
+    def _license_identifier(cls, value: str) -> str:
+        allowed = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-+_")
+        if not (0 < len(value) <= 64 and value[0].isalnum() and set(value) <= allowed):
+            raise ValueError(
+                "must be a license identifier as the Hub lists them (letters, digits, '.', '-', '+', '_'), "
+                "e.g. apache-2.0, mit, cc-by-4.0 or other"
+            )
+        return value
+
+    @field_validator("repo_id")
+    @classmethod
+    def _hub_repo_id(cls, value: str | None) -> str | None:
+        from .hub import REPO_ID_RULE, invalid_repo_id
+
+        if value is not None and invalid_repo_id(value):
+            raise ValueError(f"must be a Hub repo id: {REPO_ID_RULE}")
+        return value
+
 
 class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
@@ -480,6 +568,37 @@ RESUMABLE_CHANGES = {
 RESUMABLE_SECTIONS = {"eval", "export"}
 
 
+class DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, mark: yaml.Mark) -> None:
+        super().__init__(f"key {key!r} is written twice")
+        self.key, self.mark = key, mark
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses a key written twice in one mapping, where PyYAML keeps the last silently
+    (``<<`` merge keys may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                duplicate = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the constructor below reports it
+                continue
+            if duplicate:
+                raise DuplicateKey(key, key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse recipe YAML safely (plain data only), refusing duplicate keys."""
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``a.b=c`` → (["a", "b"], value); the value is parsed as YAML, so 8 is an int and [1,2] a list."""
     key, sep, raw = text.partition("=")
@@ -488,7 +607,11 @@ def parse_override(text: str) -> tuple[list[str], Any]:
             f"malformed override '{_one_line(text)}'", "--set", "write it as KEY=VALUE, e.g. training.max_steps=100"
         )
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = read_yaml(raw) if raw.strip() else ""
+    except DuplicateKey as exc:
+        raise UserError(
+            f"key {_shown(exc.key)} is written twice in '{_one_line(text)}'", "--set", "keep one of them"
+        ) from None
     except (yaml.YAMLError, ValueError, RecursionError):
         # Not YAML (or a number or date PyYAML cannot convert): the text itself, which validation then judges.
         value = raw
@@ -568,7 +691,13 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     if not path.is_file():
         raise UserError("recipe file not found", str(path), "give the path to a YAML recipe, e.g. recipes/acl.yaml")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        tree = read_yaml(path.read_text()) or {}
+    except DuplicateKey as exc:
+        raise UserError(
+            f"recipe key {_shown(exc.key)} is written twice in one section",
+            f"{path}:{exc.mark.line + 1}",
+            "keep one of them (YAML would silently use the last)",
+        ) from None
     except yaml.YAMLError as exc:
         where = getattr(exc, "problem_mark", None)
         line = f"{path}:{where.line + 1}" if where else str(path)

@@ -10,7 +10,6 @@ Layout::
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import json
 import os
@@ -22,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
 from .deepspeed_support import safe_checkpoint_loading, uses_deepspeed
-from .errors import StorageError, UserError
+from .errors import StorageError, UserError, describe_write_failure, is_write_failure
 from .export_layout import WEIGHTS_FILE
-from .recipe import Recipe, recipe_from_dict
+from .json_files import to_json
+from .recipe import Recipe, read_yaml, recipe_from_dict
 
 RECIPE_FILE = "recipe.yaml"
 CHECKPOINTS = "checkpoints"
@@ -43,7 +42,12 @@ def read_run_recipe(run_dir: Path) -> Recipe | None:
     path = Path(run_dir) / RECIPE_FILE
     if not path.is_file():
         return None
-    return recipe_from_dict(yaml.safe_load(path.read_text()) or {}, str(path))
+    return recipe_from_dict(read_yaml(path.read_text()) or {}, str(path))
+
+
+def is_run_dir(path: Path) -> bool:
+    """Whether ``path`` is a run directory: its recipe and a checkpoints folder."""
+    return (Path(path) / RECIPE_FILE).is_file() and (Path(path) / CHECKPOINTS).is_dir()
 
 
 def complete_checkpoints(run_dir: Path) -> list[Path]:
@@ -52,7 +56,12 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / COMPLETE_MARKER).is_file()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(_PREFIX)))
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimizer step a checkpoint folder was written after."""
+    return int(Path(checkpoint).name.removeprefix(_PREFIX))
 
 
 def _sha256(path: Path) -> str:
@@ -110,20 +119,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-# How a failed write surfaces besides OSError: torch.save's RuntimeError, safetensors' own error (Rust io errors).
-_WRITE_FAILURES = ("No space left", "StorageFull", "os error 28", "Disk quota", "file write failed")
-
-
-def _is_write_failure(err: BaseException) -> bool:
-    return isinstance(err, OSError) or any(text in str(err) for text in _WRITE_FAILURES)
-
-
-def _describe_write_failure(err: BaseException) -> str:
-    if getattr(err, "errno", None) == errno.ENOSPC or any(t in str(err) for t in ("No space left", "StorageFull")):
-        return "the disk is full"
-    return getattr(err, "strerror", None) or str(err).splitlines()[0]
-
-
 def save_checkpoint(
     accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, step: int, keep: int, train_state: dict[str, Any]
 ) -> Path:
@@ -157,7 +152,7 @@ def save_checkpoint(
                 save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            (tmp / TRAIN_STATE).write_text(json.dumps(train_state))
+            (tmp / TRAIN_STATE).write_text(to_json(train_state))
             marker = tmp / COMPLETE_MARKER
             with marker.open("w") as f:
                 json.dump({"step": step, "files": _file_records(tmp)}, f)
@@ -166,12 +161,12 @@ def save_checkpoint(
             _fsync_dir(tmp)
     except Exception as err:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_write_failure(err):
+        if not is_write_failure(err):
             raise
         previous = latest_checkpoint(run_dir, warn=False)
         kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint existed"
         raise StorageError(
-            f"could not write the checkpoint of step {step}: {_describe_write_failure(err)}; {kept}",
+            f"could not write the checkpoint of step {step}: {describe_write_failure(err)}; {kept}",
             str(final),
             "free some space and run the same command again: it resumes from the last checkpoint",
         ) from err

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,15 +24,20 @@ from .data.batches import BatchPlan, EpochBatches, batch_random, plan_batches
 from .data.loading import load_pretraining_images
 from .data.placement import ImageFeed, image_feed
 from .deepspeed_support import configure_deepspeed, deepspeed_requested, uses_deepspeed, zero_stage
-from .distributed import check_world_size
+from .distributed import check_world_size, on_main_process, raise_on_every_process
 from .errors import NonFiniteLoss, UserError
 from .export import export_run
+from .fingerprint import data_changes
+from .json_files import to_json, write_json
+from .locking import folder_lock
 from .methods import Method, TrainingRun, build_method
+from .model_loading import check_model_size
 from .optim import build_optimizer, build_scheduler
 from .preemption import StopOnSignal, TrainingStopped
 from .recipe import Recipe, TrainingConfig, recipe_differences
 from .run_dir import (
     RECIPE_FILE,
+    checkpoint_step,
     complete_checkpoints,
     latest_checkpoint,
     load_checkpoint,
@@ -42,17 +48,34 @@ from .run_dir import (
 ENCODER_DIR = "encoder"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
+DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 
 
 @dataclass
 class RunSummary:
+    """What a finished run reports (``summary.json``): totals over every session of the run."""
+
     run_dir: Path
     encoder_dir: Path
     steps: int
     images_seen: int
     wall_time_s: float
-    final_loss: float
+    final_loss: float | None  # the last logged loss (None when no step was logged with one)
     evaluation: dict[str, Any] | None  # the eval.json report when eval.after_pretrain
+    already_finished: bool = False  # the run had finished before this command: nothing was changed
+
+    def to_dict(self) -> dict[str, Any]:
+        record = {**self.__dict__, "run_dir": str(self.run_dir), "encoder_dir": str(self.encoder_dir)}
+        record.pop("already_finished")
+        return record
+
+
+class RunFinished(Exception):
+    """Raised by :func:`open_session` when the run directory holds this run, finished: there is nothing to do."""
+
+    def __init__(self, summary: RunSummary) -> None:
+        super().__init__(f"{summary.run_dir} already finished")
+        self.summary = summary
 
 
 def _mixed_precision(precision: str, on_cpu: bool) -> str:
@@ -133,10 +156,45 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
         )
 
 
+@contextmanager
+def _claimed_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Iterator[None]:
+    """The run directory's lock, held for the block, with the run directory checked under it (a run started
+    elsewhere meanwhile cannot slip in between the check and the training)."""
+    with folder_lock(run_dir, "pretrain", "wait until it ends, or choose another --output-dir"):
+        prepare_run_dir(run_dir, recipe, resume)
+        yield
+
+
+def finished_run(run_dir: Path, recipe: Recipe) -> RunSummary | None:
+    """The summary of ``run_dir`` when it is this recipe's run, finished: its summary names its newest checkpoint's
+    step and the training length is unchanged (a longer one resumes the run)."""
+    try:
+        record = json.loads((run_dir / SUMMARY_FILE).read_text())
+        checkpoint = latest_checkpoint(run_dir, warn=False)
+        stored = read_run_recipe(run_dir)
+    except (OSError, ValueError, UserError):
+        return None
+    if not isinstance(record, dict) or checkpoint is None or stored is None:
+        return None
+
+    def length(r: Recipe) -> tuple[int, int | None]:
+        return r.training.epochs, r.training.max_steps
+
+    if length(stored) != length(recipe) or record.get("steps") != checkpoint_step(checkpoint):
+        return None
+    try:
+        return RunSummary(
+            **{**record, "run_dir": Path(record["run_dir"]), "encoder_dir": Path(record["encoder_dir"])},
+            already_finished=True,
+        )
+    except (KeyError, TypeError):
+        return None  # a summary of an older layout: the run is finished again, writing a new one
+
+
 @dataclass
 class Session:
     """Everything one training session holds: the prepared model and optimizer, the data on the device, the
-    schedule, and the step it starts from (0, or the restored checkpoint's)."""
+    schedule, the step it starts from (0, or the restored checkpoint's) and the run directory's lock."""
 
     recipe: Recipe
     run_dir: Path
@@ -154,11 +212,19 @@ class Session:
     sync_batchnorm: bool  # BN statistics (and so the BN buffers) shared by all processes
     skipped_steps: int  # steps of the run whose update was dropped for a NaN/inf (training.nonfinite: skip)
     checkpoint: Path | None  # the checkpoint restored, None on a fresh start
+    held: ExitStack  # the run directory's lock (main process) and the feed's thread, released by close()
+
+    def close(self) -> None:
+        """Stop the image feed's prefetching and release the run directory."""
+        self.held.close()
 
 
-def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
-    """Set up a run: check the run directory, start Accelerate, load the data onto the device, build the method
-    (teacher, pseudo-labels, SyncBN), optimizer and schedule, and restore the newest complete checkpoint."""
+def open_session(recipe: Recipe, run_dir: Path, resume: bool = True, allow_data_change: bool = False) -> Session:
+    """Set up a run: start Accelerate, lock and check the run directory, load the data onto the device, build the
+    method (teacher, pseudo-labels, SyncBN), optimizer and schedule, and restore the newest complete checkpoint.
+
+    Nothing is written into the run directory before every start-up check has passed; a run directory this call
+    created is removed again when one fails. Raises :class:`RunFinished` when the run is finished already."""
     run_dir = Path(run_dir)
     if recipe.training.nonfinite == "skip" and deepspeed_requested():
         raise UserError(
@@ -167,23 +233,61 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
             "training.nonfinite",
             "use training.nonfinite: stop with DeepSpeed",
         )
-    prepare_run_dir(run_dir, recipe, resume)
     accelerator = make_accelerator(recipe, run_dir)
-    t = recipe.training
-    plan = plan_batches(t, accelerator.num_processes)
-    data = load_pretraining_images(recipe.data, progress=accelerator.is_local_main_process)
-    # Only now, with the batch plan and the data checked: a run refused for bad input leaves nothing behind that
-    # would make the corrected recipe look like a different run. (Before setup: AdvCL writes its labels here.)
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
-    accelerator.wait_for_everyone()
+    plan = plan_batches(recipe.training, accelerator.num_processes)
+    held = ExitStack()
+    held.enter_context(on_main_process(accelerator, lambda: _claimed_run_dir(run_dir, recipe, resume)))
+    fresh = accelerator.is_main_process and not run_dir.exists()  # decided under the lock
+    try:
+        finished = finished_run(run_dir, recipe) if resume else None
+        if finished is not None:
+            raise RunFinished(finished)
+        return _start_session(recipe, run_dir, resume, allow_data_change, accelerator, plan, held)
+    except BaseException:
+        if fresh:
+            shutil.rmtree(run_dir, ignore_errors=True)  # a refused start leaves nothing to refuse the next one
+        held.close()
+        raise
+
+
+def _check_data(run_dir: Path, fingerprint: dict[str, Any], allow_change: bool, main: bool) -> UserError | None:
+    """Why the run cannot go on with this data (it differs from the data the run started with), else None."""
+    path = run_dir / DATA_FINGERPRINT_FILE
+    if not main or allow_change or not path.is_file():
+        return None
+    changes = data_changes(json.loads(path.read_text()), fingerprint)
+    if not changes:
+        return None
+    return UserError(
+        f"the training data changed since this run started ({'; '.join(changes)})",
+        f"data.path, {path}",
+        "resume with the data the run started with, or add --allow-data-change to go on training on the new data",
+    )
+
+
+def _start_session(
+    recipe: Recipe,
+    run_dir: Path,
+    resume: bool,
+    allow_data_change: bool,
+    accelerator: Accelerator,
+    plan: BatchPlan,
+    held: ExitStack,
+) -> Session:
+    t, main = recipe.training, accelerator.is_main_process
+    data = load_pretraining_images(
+        recipe.data, progress=accelerator.is_local_main_process and recipe.logging.progress_bar
+    )
+    raise_on_every_process(accelerator, _check_data(run_dir, data.fingerprint, allow_data_change, main))
     batches = EpochBatches(
         len(data.images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     feed = image_feed(data.images, batches, accelerator.device, t.data_placement)
+    held.callback(feed.close)  # its prefetch thread, also when a later start-up check fails
 
+    # Built on the host before it moves to the device.
+    check_model_size(recipe.model, "model.widths, model.block_layers", "lower them, or use a machine with more memory")
     torch.manual_seed(t.seed)
     method = build_method(recipe)
     # Before the checkpoint is restored and before DDP wraps the method: a teacher or pseudo-labels come from
@@ -206,28 +310,35 @@ def open_session(recipe: Recipe, run_dir: Path, resume: bool = True) -> Session:
     model, optimizer = accelerator.prepare(method, optimizer)
     # The scheduler is not passed to prepare(): we step it once per optimizer step (Accelerate's wrapper would
     # step it once per process) and checkpoint its state ourselves.
-    accelerator.print(
-        f"robustcl: {plan.describe()}; peak lr {lr:g} (optimizer.lr_scaling {recipe.optimizer.lr_scaling}); "
-        f"SyncBN {'on' if sync_bn else 'off'}; data {'on the device' if feed.placement == 'device' else 'streamed'}"
-        f"{'; ' + speed if speed else ''}"
-    )
     step = skipped = 0
     compute: dict[str, Any] = {"images_seen": 0, "wall_time_s": 0.0, "hardware": []}
-    checkpoint = latest_checkpoint(run_dir, warn=accelerator.is_main_process) if resume else None
+    checkpoint = latest_checkpoint(run_dir, warn=main) if resume else None
     if checkpoint is not None:
         train_state = load_checkpoint(accelerator, checkpoint)
         step = int(train_state["step"])
         scheduler.load_state_dict(train_state["scheduler"])
         compute = train_state.get("compute", compute)
         skipped = int(train_state.get("skipped_steps", 0))
-        accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
-    if accelerator.is_main_process:
+    # Only now, with every start-up check passed: the recipe (and the data it trains on) become the run's.
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+        if allow_data_change or not (run_dir / DATA_FINGERPRINT_FILE).is_file():
+            write_json(run_dir / DATA_FINGERPRINT_FILE, data.fingerprint)
         drop_metrics_after(run_dir / METRICS_FILE, step)
+    accelerator.wait_for_everyone()
+    accelerator.print(
+        f"robustcl: {plan.describe()}; peak lr {lr:g} (optimizer.lr_scaling {recipe.optimizer.lr_scaling}); "
+        f"SyncBN {'on' if sync_bn else 'off'}; data {'on the device' if feed.placement == 'device' else 'streamed'}"
+        f"{'; ' + speed if speed else ''}"
+    )
+    if checkpoint is not None:
+        accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
     compute["hardware"] = list(dict.fromkeys([*compute["hardware"], hardware_description(accelerator)]))
     compute["dataset_images"] = len(data.images)
     return Session(
         recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, feed, total_steps, step,
-        compute, sync_bn, skipped, checkpoint,
+        compute, sync_bn, skipped, checkpoint, held,
     )  # fmt: skip
 
 
@@ -358,21 +469,35 @@ def _stop_agreed(stop: StopOnSignal, accelerator: Accelerator, step: int, every:
     return accelerator.reduce(flag, "sum").item() > 0
 
 
-@contextmanager
-def _closing(*things: Any) -> Iterator[None]:
-    """Close the progress bar and the image feed (its prefetch thread) however the loop ends."""
-    try:
-        yield
-    finally:
-        for thing in things:
-            thing.close()
+def _last_logged_loss(path: Path) -> float | None:
+    """The loss of the newest ``metrics.jsonl`` record that has one (a resumed run continues from it)."""
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text().splitlines()):
+        loss = json.loads(line).get("loss")
+        if loss is not None:
+            return float(loss)
+    return None
 
 
-def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
+def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True, allow_data_change: bool = False) -> RunSummary:
     """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export, and evaluate when
-    ``eval.after_pretrain``."""
-    session = open_session(recipe, run_dir, resume)
-    run_dir, accelerator, t = session.run_dir, session.accelerator, recipe.training
+    ``eval.after_pretrain``. A run that finished already is left as it is (its summary is returned)."""
+    try:
+        session = open_session(recipe, run_dir, resume, allow_data_change)
+    except RunFinished as finished:
+        return finished.summary
+    try:
+        compute, last_loss = train_loop(session)
+        return finish_run(session, compute, last_loss)
+    finally:
+        session.close()
+
+
+def train_loop(session: Session) -> tuple[dict[str, Any], float | None]:
+    """Train from the session's step to its last, logging and checkpointing; returns the compute record of the
+    newest checkpoint (totals over every session of the run) and the last logged loss."""
+    recipe, run_dir, accelerator, t = session.recipe, session.run_dir, session.accelerator, session.recipe.training
     model, scheduler, batches = session.model, session.scheduler, session.batches
     total_steps, step, compute = session.total_steps, session.step, session.compute
     if accelerator.is_main_process:
@@ -390,10 +515,11 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
     start_step, started = step, time.perf_counter()
     window_loss: dict[str, torch.Tensor] = {}
     window_steps, window_finite, window_start = 0, 0, time.perf_counter()
-    last_loss = float("nan")
+    last_loss = _last_logged_loss(metrics_path)
     skipped, checkpoint = session.skipped_steps, session.checkpoint  # the newest good checkpoint, updated below
+    compute_saved = compute  # the newest checkpoint's record, updated below
     model.train()
-    with StopOnSignal() as stop, _closing(bar, session.feed):
+    with StopOnSignal() as stop, closing(bar):
         while step < total_steps:
             metrics = train_step(session, step)
             step += 1
@@ -424,9 +550,11 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
                 last_loss = reduced.get("loss", last_loss)
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:
-                        f.write(json.dumps(record) + "\n")
+                        f.write(to_json(record) + "\n")
                     bar.set_postfix(
-                        loss=f"{last_loss:.4f}", lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}"
+                        loss="-" if last_loss is None else f"{last_loss:.4f}",
+                        lr=f"{record['lr']:.3g}",
+                        img_s=f"{record['images_per_s']:.0f}",
                     )
                 accelerator.log(record, step=step)
                 window_loss, window_steps, window_finite, window_start = {}, 0, 0, time.perf_counter()
@@ -451,19 +579,25 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
                     "skipped_steps": skipped,
                 }
                 checkpoint = save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
+                compute_saved = so_far
             if stopping:
                 raise TrainingStopped(
                     f"stopped by {stop.received or 'a signal to another process'} after step {step} of {total_steps}; "
                     f"checkpoint {checkpoint} written — run the same command again to resume"
                 )
-    wall = time.perf_counter() - started
+    return compute_saved, last_loss
 
+
+def finish_run(session: Session, compute: dict[str, Any], last_loss: float | None) -> RunSummary:
+    """Export the newest checkpoint into ``RUN_DIR/encoder``, evaluate it when ``eval.after_pretrain`` and write
+    ``summary.json``; ``compute`` is the newest checkpoint's record of the whole run."""
+    recipe, run_dir, accelerator = session.recipe, session.run_dir, session.accelerator
     summary = RunSummary(
         run_dir=run_dir,
         encoder_dir=run_dir / ENCODER_DIR,
-        steps=step,
-        images_seen=(step - start_step) * t.batch_size,
-        wall_time_s=wall,
+        steps=max(session.step, session.total_steps),  # a shortened run ends at the step it had reached
+        images_seen=int(compute["images_seen"]),
+        wall_time_s=float(compute["wall_time_s"]),
         final_loss=last_loss,
         evaluation=None,
     )
@@ -487,8 +621,7 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True) -> RunSummary:
             export_run(run_dir, summary.encoder_dir, repo_id=repo_id)  # again, now with the measured figures
         accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        record = {**summary.__dict__, "run_dir": str(run_dir), "encoder_dir": str(summary.encoder_dir)}
-        (run_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2))
+        write_json(run_dir / SUMMARY_FILE, summary.to_dict())
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: nothing collective after this
     return summary

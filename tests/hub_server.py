@@ -71,6 +71,11 @@ class LocalHub:
     retries a commit on 5xx up to 5 times, so a single failure is invisible there; use `fail_commits = 6` (or more) to
     make it give up. `create_commit` and the non-xet `upload_folder` path do not retry.
 
+    `stall = {"create", "commit", ...}` makes those requests (`create`: POST /api/repos/create; otherwise the action
+    after /api/models/NS/NAME/, e.g. `preupload`, `commit`, `revision`, `tree`) get no answer at all: the connection
+    is accepted, the request read, and nothing is sent back until the hub stops (or `stall_s` seconds pass, so a
+    client without a timeout fails late instead of hanging a test forever). Their log entry has status "stalled".
+
     `requests` logs every request as {"method", "path" (still URL-encoded, e.g. `refs%2Fpr%2F1`), "query",
     "authorization" (header value or None), "status"}; unknown routes answer 404 "LocalHub has no route for ...".
     """
@@ -79,6 +84,9 @@ class LocalHub:
         self.token = token
         self.url = ""
         self.fail_commits = 0
+        self.stall: set[str] = set()
+        self.stall_s = 60.0
+        self._stopping = threading.Event()
         self.requests: list[dict[str, Any]] = []
         self._repos: dict[str, _Repo] = {}
         self._lock = threading.RLock()
@@ -95,6 +103,7 @@ class LocalHub:
         self.fail_commits = 1 if value else 0
 
     def start(self) -> LocalHub:
+        self._stopping.clear()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._server.hub = self  # type: ignore[attr-defined]
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
@@ -103,6 +112,7 @@ class LocalHub:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()  # releases stalled requests
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -195,8 +205,14 @@ class _Handler(BaseHTTPRequestHandler):
                       "authorization": self.headers.get("Authorization"), "status": None}  # fmt: skip
         with self.hub._lock:
             self.hub.requests.append(self.entry)
+        segs = [unquote(s) for s in url.path.split("/")[1:]]
+        if self._kind(segs) in self.hub.stall:
+            self.entry["status"] = "stalled"
+            self._body()
+            self.hub._stopping.wait(self.hub.stall_s)  # then close without a byte of answer
+            return
         try:
-            self._route([unquote(s) for s in url.path.split("/")[1:]])
+            self._route(segs)
         except HubError as err:
             self._body()  # unread request bytes would turn our close into a TCP reset that hides this answer
             headers = {"X-Error-Message": err.message, **err.headers}
@@ -217,6 +233,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send_json(self, obj: Any, status: int = 200, headers: dict | None = None) -> None:
         self._send(json.dumps(obj).encode(), status, {"Content-Type": "application/json", **(headers or {})})
+
+    @staticmethod
+    def _kind(segs: list[str]) -> str:
+        """The name `LocalHub.stall` uses for a request."""
+        if segs == ["api", "repos", "create"]:
+            return "create"
+        return segs[4] if len(segs) >= 5 and segs[:2] == ["api", "models"] else "/".join(segs)
 
     def _body(self) -> bytes:
         if self.body is None:

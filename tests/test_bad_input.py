@@ -102,8 +102,13 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     (ws / "recipes" / "not_yaml.yaml").write_text("data:\n  path: [builtin:digits\n  split: train\n")
     (ws / "recipes" / "list.yaml").write_text("- data\n- training\n")
     (ws / "recipes" / "typo.yaml").write_text("data:\n  path: builtin:digits\neval:\n  attack:\n    stepz: 3\n")
+    (ws / "recipes" / "duplicate.yaml").write_text(
+        "data:\n  path: builtin:digits\ntraining:\n  max_steps: 3\n  max_steps: 5\n"
+    )
     (ws / "not_a_run").mkdir()
     (ws / "not_a_run" / "notes.txt").write_text("not a run\n")
+    (ws / "notes.json").write_text('{"mine": true}\n')
+    (ws / "dangling").symlink_to(ws / "nothing_here")
     yield ws
 
 
@@ -332,7 +337,36 @@ CASES = [
         fix="use a batch size of at least 4",
         id="one-image-per-process",
     ),
+    case(
+        *VALIDATE,
+        *sets("training.max_steps=true"),
+        problem=("invalid value for 'training.max_steps'", "expected a number, got a boolean"),
+        fix="fix the value",
+        id="boolean-for-a-number",
+    ),
+    case(
+        *PRETRAIN_FRESH,
+        *sets("data.resolution=100000"),
+        problem=("invalid value for 'data.resolution'", "less than or equal to 4096"),
+        fix="fix the value",
+        id="resolution-too-large",
+    ),
+    case(
+        *PRETRAIN_FRESH,
+        *sets("data.max_samples=16"),
+        problem=("the dataset has 16 images, fewer than one batch of 32", "(training.batch_size)"),
+        fix="use a batch size ≤ 16",
+        id="batch-larger-than-the-dataset",
+    ),
     # ---- recipe files
+    case(
+        "recipe",
+        "validate",
+        "{ws}/recipes/duplicate.yaml",
+        problem=("recipe key 'max_steps' is written twice in one section", "duplicate.yaml:5"),
+        fix="keep one of them",
+        id="duplicate-recipe-key",
+    ),
     case(
         "pretrain",
         "{ws}/nope.yaml",
@@ -595,6 +629,55 @@ CASES = [
         problem=("output folder exists and is not a robustcl export", "not_a_run"),
         fix="choose a new or empty folder",
         id="export-over-a-foreign-folder",
+    ),
+    case(
+        "export",
+        "{run}",
+        "{ws}/notes.json",
+        problem=("the output path is a file, not a folder", "notes.json"),
+        fix="give a folder path",
+        id="export-to-a-file",
+    ),
+    case(
+        "export",
+        "{run}",
+        "{ws}/dangling",
+        problem=("the output folder is a symbolic link to no folder", "dangling"),
+        fix="make the link point to one",
+        id="export-to-a-dangling-link",
+    ),
+    # ---- evaluation outputs: never over a run's, an export's or anyone's files
+    case(
+        *EVALUATE,
+        "-o",
+        "{run}/recipe.json",
+        problem=("the output would be written among the run directory's own files", "--output"),
+        fix="leave --output out",
+        id="evaluate-output-among-the-runs-files",
+    ),
+    case(
+        *EVALUATE,
+        "-o",
+        "{run}/recipe.yaml",
+        problem="the evaluation report is JSON: the output must be a .json file or a folder",
+        fix="recipe.json",
+        id="evaluate-output-not-json",
+    ),
+    case(
+        *EVALUATE,
+        "-o",
+        EXPORT_DIR + "/config.json",
+        problem=("the output would be written into the model folder", "among its own files"),
+        fix="write evaluations outside model folders",
+        id="evaluate-output-into-an-export",
+    ),
+    case(
+        *EVALUATE,
+        "-o",
+        "{ws}/notes.json",
+        problem=("the output file exists and is not an evaluation report robustcl wrote", "notes.json"),
+        fix="choose a new file or folder",
+        id="evaluate-output-over-a-foreign-file",
     ),
     # ---- publishing (all refused before any network call)
     case(

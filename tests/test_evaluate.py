@@ -273,12 +273,12 @@ assert not loaded, loaded
 @pytest.mark.slow
 def test_two_processes_give_the_same_figures_as_one(tmp_path, tiny_export):
     def launch(processes: int) -> dict:
-        out = tmp_path / f"p{processes}" / "eval.json"
+        out = tmp_path / f"p{processes}" / "eval.json"  # given as its folder: --output DIR writes DIR/eval.json
         args = ["--multi_gpu"] if processes > 1 else []
         cmd = [
             str(BIN / "accelerate"), "launch", *args, "--num_processes", str(processes), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no",
-            "-m", "robustcl", "evaluate", str(tiny_export), "--output", str(out), *with_sets(*EVAL_SETS),
+            "-m", "robustcl", "evaluate", str(tiny_export), "--output", str(out.parent), *with_sets(*EVAL_SETS),
         ]  # fmt: skip
         env = {"ACCELERATE_USE_CPU": "true"} if processes > 1 else {}
         res = subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=600)

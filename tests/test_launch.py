@@ -350,5 +350,12 @@ def test_two_machines_on_loopback(jobs):
     run = jobs.root / "nodes"
     assert _checkpoint_processes(run) == 2
     # Only the main process writes the run's files: nothing beyond one run's.
-    assert {p.name for p in run.iterdir()} == {"checkpoints", "encoder", "metrics.jsonl", "recipe.yaml", "summary.json"}
+    assert {p.name for p in run.iterdir()} == {
+        "checkpoints",
+        "data_fingerprint.json",
+        "encoder",
+        "metrics.jsonl",
+        "recipe.yaml",
+        "summary.json",
+    }
     assert "robustcl: trained 2 steps" in results[0][1] and "robustcl: trained" not in results[1][1]

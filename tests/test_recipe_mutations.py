@@ -487,7 +487,7 @@ def test_mutations_near_the_valid_domain_train_or_fail_cleanly(
                 step = 0 if which == "first" else session.total_steps - 1
                 metrics = train_step(session, step)
             finally:
-                session.feed.close()
+                session.close()
     finally:
         _reset_accelerate()
     if metrics is None:

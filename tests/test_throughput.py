@@ -81,7 +81,7 @@ def test_replayed_model_passes_carry_the_steps_model_flops(tmp_path: Path, name:
     assert kinds.count("input") >= 4 and kinds.count("full") == 4
     # The step also multiplies the losses' similarity matrices and the crops' resampling weights: a little more.
     assert step_flops * 0.97 < replay_flops <= step_flops
-    session.feed.close()
+    session.close()
 
 
 def test_attack_precision_fp32_ignores_mixed_precision_and_bf16_keeps_the_perturbation_fp32() -> None:

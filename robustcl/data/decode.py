@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from typing import Any
 
 import datasets
@@ -25,7 +26,10 @@ from robustcl.errors import UserError
 # Python objects of one batch of encoded images stay a few MB.
 _BATCH_ROWS = 1024
 
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, PIL.Image.DecompressionBombError)
+# Pillow warns (rather than raises) between MAX_IMAGE_PIXELS and twice that; the decode loop turns the warning into
+# an error so that it is reported like any other unreadable image, on one line naming the row.
+_BOMBS = (PIL.Image.DecompressionBombError, PIL.Image.DecompressionBombWarning)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, *_BOMBS)
 
 
 # ------------------------------------------------------------------------------------------ decoding
@@ -111,11 +115,12 @@ def _image_error(row: int, column: str, value: Any, exc: BaseException, where: s
     what = f"row {row} of column '{column}' is not a readable image"
     if file:
         what += f" (file {file})"
-    return UserError(
-        f"{what}: {_one_line(exc)}",
-        f"{where}, {key}",
-        "fix or remove that image, or set the image column to the right column",
+    fix = (
+        f"downscale or remove that image (Pillow refuses images over {PIL.Image.MAX_IMAGE_PIXELS:,} pixels)"
+        if isinstance(exc, _BOMBS)
+        else "fix or remove that image, or set the image column to the right column"
     )
+    return UserError(f"{what}: {_one_line(exc)}", f"{where}, {key}", fix)
 
 
 def _decode_image_column(
@@ -132,22 +137,24 @@ def _decode_image_column(
     # Raw Arrow access: no per-row Python dicts from the formatter and no eager PIL decode by datasets.
     table_iter = ds.select_columns([column]).with_format("arrow").iter(batch_size=_BATCH_ROWS)
     row = 0
-    for table in table_iter:
-        for value in table.column(column).to_pylist():
-            empty = isinstance(value, dict) and value.get("bytes") is None and not value.get("path")
-            if value is None or empty:
-                raise UserError(
-                    f"row {row} of column '{column}' has no image",
-                    f"{where}, {key}",
-                    "fill in or remove the empty rows",
-                )
-            try:
-                out[row] = _pil_to_hwc(_open_pil(value, feature), resolution)
-            except _DECODE_ERRORS as exc:
-                raise _image_error(row, column, value, exc, where, key) from None
-            row += 1
-        if bar is not None:
-            bar.update(table.num_rows)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PIL.Image.DecompressionBombWarning)
+        for table in table_iter:
+            for value in table.column(column).to_pylist():
+                empty = isinstance(value, dict) and value.get("bytes") is None and not value.get("path")
+                if value is None or empty:
+                    raise UserError(
+                        f"row {row} of column '{column}' has no image",
+                        f"{where}, {key}",
+                        "fill in or remove the empty rows",
+                    )
+                try:
+                    out[row] = _pil_to_hwc(_open_pil(value, feature), resolution)
+                except _DECODE_ERRORS as exc:
+                    raise _image_error(row, column, value, exc, where, key) from None
+                row += 1
+            if bar is not None:
+                bar.update(table.num_rows)
 
 
 def _array_to_hwc(pixels: np.ndarray, row: int, column: str, where: str, key: str) -> np.ndarray:

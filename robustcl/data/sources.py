@@ -258,6 +258,9 @@ def open_split(path: str, split: str, name: str | None = None, *, key_prefix: st
                 f"{key_prefix}.path: {path}",
                 "check the path, or give a Hub dataset id like uoft-cs/cifar10",
             )
+        from robustcl.hub import check_token_sendable
+
+        check_token_sendable()  # a token the HTTP client cannot send would fail deep inside datasets
         return _load_dataset_dict(path, split, name, hub=True, key_prefix=key_prefix)
 
     if local.is_file():

@@ -4,6 +4,7 @@ pixels in [0, 1] to pooled features.
 Export directories and Hub ids load through ``AutoModel.from_pretrained`` only (no training code is imported), so
 any exported robustcl encoder and any transformers vision backbone that returns pooled (or poolable) features can
 be evaluated. Remote code is not executed unless asked for: robustcl's own model class is registered locally.
+Loading is strict (``model_loading``): weights that do not match the config exactly are refused, never scored.
 """
 
 from __future__ import annotations
@@ -11,14 +12,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import UserError
 from ..export_layout import MODEL_TYPE
+from ..model_loading import first_line, load_pretrained
 from ..recipe import Recipe, load_recipe
-from ..run_dir import CHECKPOINTS, RECIPE_FILE
+from ..run_dir import RECIPE_FILE, is_run_dir
 
 
 class FeatureEncoder(nn.Module):
@@ -94,10 +97,6 @@ def _stored_recipe(reference: str, **hub_kwargs) -> Recipe | None:
     return load_recipe(path) if path else None
 
 
-def _is_run_dir(path: Path) -> bool:
-    return (path / RECIPE_FILE).is_file() and (path / CHECKPOINTS).is_dir()
-
-
 def _names_a_local_path(reference: str) -> bool:
     """True when ``reference`` cannot be a Hub id (``name`` or ``namespace/name``), so it was meant as a folder."""
     return (
@@ -119,7 +118,7 @@ def load_model(
     import robustcl.models  # noqa: F401  (registers the robustcl-resnet model type with AutoModel)
 
     path = Path(reference)
-    if path.is_dir() and _is_run_dir(path):
+    if path.is_dir() and is_run_dir(path):
         from ..export import load_run_encoder  # run directories need the method to read their checkpoint
 
         encoder, recipe, branch = load_run_encoder(path, bn_branch)
@@ -145,24 +144,60 @@ def load_model(
             str(path),
             "give a robustcl run directory, a folder written by robustcl export / save_pretrained, or a Hub id",
         )
-    from transformers import AutoConfig, AutoModel
-
     kind = "export_dir" if path.exists() else "hub"
     hub_kwargs = {"revision": revision} if revision else {}
-    try:
-        config = AutoConfig.from_pretrained(str(reference), trust_remote_code=trust_remote_code, **hub_kwargs)
-        backbone = AutoModel.from_pretrained(
-            str(reference), config=config, trust_remote_code=trust_remote_code, **hub_kwargs
-        )
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        fix = (
-            "the folder needs config.json and the weights (model.safetensors) as robustcl export / save_pretrained "
-            "writes them: export it again"
-            if kind == "export_dir"
-            else "check the repo id (and HF_TOKEN for private repos); custom architectures need --trust-remote-code"
-        )
-        raise UserError(f"cannot load the model: {first_line}", str(reference), fix) from None
+    config, backbone = _load_backbone(str(reference), kind, trust_remote_code, hub_kwargs)
     mean, std = _normalisation(str(reference), config.model_type, **hub_kwargs)
     encoder = FeatureEncoder(backbone, mean, std).eval()
     return LoadedModel(encoder, kind, str(reference), _stored_recipe(str(reference), **hub_kwargs), None)
+
+
+def _load_backbone(reference: str, kind: str, trust_remote_code: bool, hub_kwargs: dict) -> tuple[Any, nn.Module]:
+    """Config and weights of an export folder or Hub repo, loaded strictly (``model_loading``): a model whose
+    weights do not match its config, hold NaN/inf, cannot be read or would not fit in memory is a UserError."""
+    from transformers import AutoConfig, AutoModel
+
+    where = reference if kind == "hub" else str(Path(reference) / "config.json")
+    fix = (
+        "correct config.json or export the model again (custom architectures need --trust-remote-code)"
+        if kind == "export_dir"
+        else "use a repo (or --revision) with a valid config.json; custom architectures need --trust-remote-code"
+    )
+    if kind == "hub":
+        from ..hub import check_token_sendable
+
+        check_token_sendable()  # else the HTTP client fails on the header with a traceback
+    try:
+        config = AutoConfig.from_pretrained(reference, trust_remote_code=trust_remote_code, **hub_kwargs)
+    except ValueError as err:  # a value the config class refuses (robustcl's: sizes it cannot build)
+        raise UserError(f"invalid model config: {first_line(err)}", where, fix) from None
+    except OSError as err:
+        raise _cannot_load(err, reference, kind) from None
+    weights_fix = (
+        "config.json and the weights must come from the same model: export it again"
+        if kind == "export_dir"
+        else "use a repo (or --revision) whose weights match its config.json"
+    )
+    try:
+        backbone = load_pretrained(
+            AutoModel,
+            reference,
+            config,
+            where=reference,
+            fix=weights_fix,
+            trust_remote_code=trust_remote_code,
+            **hub_kwargs,
+        )
+    except (OSError, ValueError) as err:
+        raise _cannot_load(err, reference, kind) from None
+    return config, backbone
+
+
+def _cannot_load(err: BaseException, reference: str, kind: str) -> UserError:
+    fix = (
+        "the folder needs config.json and the weights (model.safetensors) as robustcl export / save_pretrained "
+        "writes them: export it again"
+        if kind == "export_dir"
+        else "check the repo id (and HF_TOKEN for private repos); custom architectures need --trust-remote-code"
+    )
+    return UserError(f"cannot load the model: {first_line(err)}", reference, fix)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -15,15 +14,18 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 
 from ..data.loading import load_images
-from ..distributed import check_world_size
+from ..distributed import check_world_size, on_main_process
 from ..errors import UserError
-from ..export_layout import CLASSIFIER_DIR, CURVE_FILE, EVAL_DIR, PROTOCOLS, REPORT_FILE
+from ..export_layout import CLASSIFIER_DIR, CURVE_FILE, PROTOCOLS
 from ..fingerprint import weights_sha256
+from ..json_files import write_json
+from ..locking import folder_lock
 from ..recipe import Recipe, override_recipe
 from .backbone import LoadedModel, load_model
 from .finetune import Classifier, LabelledImages, finetune, split_validation
 from .measure import Measurement, measure, pgd_curve_step, require_autoattack
-from .report import format_table, plot_curve, software_versions, write_json
+from .output import checked_output, default_output, run_dir_output
+from .report import format_table, plot_curve, software_versions
 
 ATTACKS = ("pgd20", "autoattack")
 
@@ -50,15 +52,17 @@ def load_eval_data(recipe: Recipe, progress: bool = True) -> EvalData:
         progress=progress,
         key_prefix="eval.data",
     )
-    train = load_images(path, e.train_split, max_samples=e.max_train, **common)
-    test = load_images(path, e.test_split, max_samples=e.max_test, **common)
-    for part in (train, test):
+
+    def require_labels(part) -> None:  # part: an ImageData
         if part.labels is None:
             raise UserError(
                 f"evaluation needs class labels, but {part.source} has no label column",
                 "eval.data.label_column",
                 "name the label column with --set eval.data.label_column=NAME",
             )
+
+    train = load_images(path, e.train_split, max_samples=e.max_train, max_samples_key="eval.data.max_train", **common)
+    require_labels(train)
     num_classes = int(train.num_classes or 0)
     if num_classes < 2:
         raise UserError(
@@ -66,6 +70,12 @@ def load_eval_data(recipe: Recipe, progress: bool = True) -> EvalData:
             "eval.data.label_column",
             "point eval.data at a labelled classification dataset",
         )
+    # Numbered by the training split's class names: the head predicts the training split's ids.
+    test = load_images(
+        path, e.test_split, max_samples=e.max_test, max_samples_key="eval.data.max_test", classes_from=train, **common
+    )
+    require_labels(test)
+    # Bare integer labels are matched by value: a test id beyond the training split's classes has no output.
     if int(test.labels.max()) >= num_classes:
         raise UserError(
             f"{test.source} has labels the training split does not ({int(test.labels.max())} ≥ {num_classes})",
@@ -84,19 +94,6 @@ def load_eval_data(recipe: Recipe, progress: bool = True) -> EvalData:
         "class_names": train.class_names,
     }
     return EvalData(fit, val, LabelledImages(test.images, test.labels), num_classes, source)
-
-
-def run_dir_output(run_dir: Path, protocol: str) -> Path:
-    """Where a run directory keeps its evaluations (also the end-of-pretraining one)."""
-    return Path(run_dir) / EVAL_DIR / protocol / REPORT_FILE
-
-
-def default_output(loaded: LoadedModel, protocol: str) -> Path:
-    """Run directories keep their evaluations inside; other models get ``eval/<name>/<protocol>/``."""
-    if loaded.kind == "run_dir":
-        return run_dir_output(Path(loaded.reference), protocol)
-    name = re.sub(r"[^A-Za-z0-9._-]+", "_", loaded.reference.strip("/")).strip("_") or "model"
-    return Path("eval") / name / protocol / REPORT_FILE
 
 
 def _check_choices(protocol: str | None, attacks: list[str] | None) -> None:
@@ -171,7 +168,6 @@ def evaluate(
     if accelerator is None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         check_world_size(accelerator)
-    main = accelerator.is_main_process
     _check_choices(protocol, attacks)  # what was asked for explicitly fails before a model (download) loads
     loaded = load_model(reference, bn_branch=bn_branch, trust_remote_code=trust_remote_code)
     base = recipe or loaded.recipe or Recipe()
@@ -183,8 +179,30 @@ def evaluate(
     _check_choices(protocol, attacks)
     if "autoattack" in attacks:
         require_autoattack()  # fail before minutes of finetuning, not after
-    output = Path(output) if output is not None else default_output(loaded, protocol)
+    if output is None:
+        output = default_output(loaded.reference, loaded.kind == "run_dir", protocol)
+    else:
+        output = checked_output(output)
+    lock = on_main_process(
+        accelerator, lambda: folder_lock(output.parent, "evaluate", "wait until it ends, or choose another --output")
+    )
+    with lock:
+        return _evaluate(loaded, recipe, protocol, attacks, attack_subset, output, accelerator, progress, started)
 
+
+def _evaluate(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    protocol: str,
+    attacks: list[str],
+    attack_subset: int | None,
+    output: Path,
+    accelerator: Accelerator,
+    progress: bool,
+    started: float,
+) -> dict[str, Any]:
+    """Finetune, measure and write the report (``evaluate`` after its checks, with the output folder locked)."""
+    main, ev, reference = accelerator.is_main_process, recipe.eval, loaded.reference
     data = load_eval_data(recipe, progress=progress and accelerator.is_local_main_process)
     # Ties the report to the exact weights measured: exports ship only the evaluations of their own weights.
     encoder_sha256 = weights_sha256(loaded.encoder.backbone)
@@ -275,7 +293,7 @@ def evaluate(
         if report["curve"]:
             report["curve_png"] = str(output.with_name(CURVE_FILE))
             plot_curve(report, Path(report["curve_png"]))
-        write_json(report, output)
+        write_json(output, report)
     accelerator.wait_for_everyone()
     return report
 

@@ -15,6 +15,21 @@ except ImportError:  # transformers < 5 spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
 STEMS = ("cifar", "imagenet")
+_STEM_KERNEL = {"cifar": 3, "imagenet": 7}
+
+# Sizes are checked here, from the numbers alone, because building the model allocates every tensor first: a
+# config.json or recipe with block_layers [200000, ...] or widths of 1e5 would otherwise hang for minutes growing
+# past the machine's memory before anything could refuse it. Each limit is far above any published ResNet.
+# ResNet-1202 (the deepest CIFAR ResNet) has 200 basic blocks per stage.
+MAX_BLOCKS_PER_STAGE = 512
+# Wide ResNets used for robustness (WRN-70-16, WRN-94-16) stop at 1024 channels.
+MAX_WIDTH = 8192
+# Every stage halves the feature map: past ~8 stages even a 224-pixel image is down to 1×1.
+MAX_STAGES = 16
+# The largest robust ResNets (WRN-70-16: 267M, WRN-94-16: 367M parameters) with room to spare; 4 GB in float32.
+MAX_PARAMETERS = 1_000_000_000
+# Every BatchNorm holds one set of parameters per branch; methods use at most three (AdvCL).
+MAX_BN_BRANCHES = 16
 
 
 class RobustCLResNetConfig(PreTrainedConfig):
@@ -42,8 +57,8 @@ class RobustCLResNetConfig(PreTrainedConfig):
         **kwargs: Any,
     ) -> None:
         # Lists (not tuples) so that a JSON round trip gives back an equal config.
-        self.block_layers = [int(n) for n in block_layers]
-        self.widths = [int(w) for w in widths]
+        self.block_layers = _int_list("block_layers", block_layers)
+        self.widths = _int_list("widths", widths)
         self.stem = stem
         self.stem_padding = None if stem_padding is None else int(stem_padding)
         self.num_channels = int(num_channels)
@@ -90,6 +105,36 @@ class RobustCLResNetConfig(PreTrainedConfig):
             raise ValueError(f"batch_norm_eps must be > 0, got {self.batch_norm_eps}")
         if not 0.0 <= self.batch_norm_momentum <= 1.0:
             raise ValueError(f"batch_norm_momentum must be in [0, 1], got {self.batch_norm_momentum}")
+        self._check_size()
+
+    def _check_size(self) -> None:
+        """Refuse a network too large to build, before anything is allocated (limits: see MAX_* above)."""
+        if len(self.block_layers) > MAX_STAGES:
+            raise ValueError(f"block_layers and widths may have at most {MAX_STAGES} stages, got {len(self.widths)}")
+        if max(self.block_layers) > MAX_BLOCKS_PER_STAGE:
+            raise ValueError(
+                f"every entry of block_layers must be <= {MAX_BLOCKS_PER_STAGE} blocks, got {_brief(self.block_layers)}"
+            )
+        if max(self.widths) > MAX_WIDTH:
+            raise ValueError(f"every entry of widths must be <= {MAX_WIDTH} channels, got {_brief(self.widths)}")
+        if len(self.bn_branches) > MAX_BN_BRANCHES:
+            raise ValueError(f"bn_branches may name at most {MAX_BN_BRANCHES} branches, got {len(self.bn_branches)}")
+        if self.num_channels > MAX_WIDTH:
+            raise ValueError(f"num_channels must be <= {MAX_WIDTH}, got {self.num_channels}")
+        # Of the plain-BN encoder (what an export holds): BN branches add a fraction of a percent.
+        size = estimate_parameters(self.block_layers, self.widths, self.stem, self.num_channels)
+        if size > MAX_PARAMETERS:
+            raise ValueError(
+                f"block_layers {_brief(self.block_layers)} and widths {_brief(self.widths)} make about {size:,} "
+                f"parameters, more than the {MAX_PARAMETERS:,} robustcl builds: lower block_layers or widths"
+            )
+
+    def estimated_parameters(self) -> int:
+        """Values in the model's state dict (parameters and BatchNorm statistics, every BN branch), from the
+        config alone: what building the model allocates, known before building it."""
+        return estimate_parameters(
+            self.block_layers, self.widths, self.stem, self.num_channels, max(1, len(self.bn_branches))
+        )
 
     @property
     def hidden_size(self) -> int:
@@ -104,4 +149,59 @@ class RobustCLResNetConfig(PreTrainedConfig):
         return 1 if self.stem == "cifar" else 3
 
 
-__all__ = ["RobustCLResNetConfig"]
+def _int_list(name: str, values: Any) -> list[int]:
+    """``values`` as a list of integers; a ValueError (which transformers and robustcl report) for anything else,
+    e.g. a number where config.json needs a list, a fraction, or an infinite float."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Sequence) or not all(map(_is_integer, values)):
+        raise ValueError(f"{name} must be a list of integers, got {_brief(values)}")
+    return [int(value) for value in values]
+
+
+def _is_integer(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int) or (isinstance(value, float) and value.is_integer())  # False for inf and NaN
+
+
+def _brief(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _batch_norm_values(channels: int, copies: int) -> int:
+    # weight, bias, running_mean, running_var per channel; num_batches_tracked once; per BN branch.
+    return copies * (4 * channels + 1)
+
+
+def estimate_parameters(
+    block_layers: Sequence[int], widths: Sequence[int], stem: str = "cifar", num_channels: int = 3, bn_copies: int = 1
+) -> int:
+    """Values in the state dict of the ResNet these numbers describe (convolutions, BatchNorm parameters and
+    statistics, the normalisation buffers), in closed form: no tensor is built, so any size is cheap to check.
+
+    ``bn_copies`` is the number of BN branches (1 for plain BatchNorm).
+    """
+    kernel = _STEM_KERNEL.get(stem, 7)
+    total = 2 * num_channels + num_channels * widths[0] * kernel * kernel + _batch_norm_values(widths[0], bn_copies)
+    in_planes = widths[0]
+    for stage, (blocks, width) in enumerate(zip(block_layers, widths)):
+        if blocks < 1:
+            continue
+        first = 9 * in_planes * width + 9 * width * width + 2 * _batch_norm_values(width, bn_copies)
+        if stage > 0 or in_planes != width:  # the 1×1 projection shortcut of a block that changes the shape
+            first += in_planes * width + _batch_norm_values(width, bn_copies)
+        same = 18 * width * width + 2 * _batch_norm_values(width, bn_copies)
+        total += first + (blocks - 1) * same
+        in_planes = width
+    return total
+
+
+__all__ = [
+    "MAX_BLOCKS_PER_STAGE",
+    "MAX_BN_BRANCHES",
+    "MAX_PARAMETERS",
+    "MAX_STAGES",
+    "MAX_WIDTH",
+    "RobustCLResNetConfig",
+    "estimate_parameters",
+]
