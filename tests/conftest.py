@@ -3,13 +3,28 @@ and a Python environment without robustcl."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
-from helpers import TINY, bare_python, robustcl, with_sets
+from helpers import TINY, bare_python, call_main, robustcl, with_sets
 from hub_server import LocalHub
 
 AFF_SETS = ["eval.aff.epochs=1", "eval.aff.batch_size=64", "eval.aff.attack_steps=2"]
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
+    """``robustcl ARGS`` in this process (the console script's entry point): (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", sys.argv)  # call_main changes it
+
+    def run(*argv: str) -> tuple[int, str, str]:
+        capsys.readouterr()
+        code = call_main(list(argv))
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
 
 
 @pytest.fixture

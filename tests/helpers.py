@@ -68,6 +68,19 @@ def call_main(argv: list[str]) -> int:
     return exited.value.code or 0
 
 
+def user_error(fn, *args, **kwargs) -> str:
+    """The message of the UserError ``fn(*args, **kwargs)`` raises, checked to be one line."""
+    import pytest
+
+    from robustcl.errors import UserError
+
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
 def with_sets(*sets: str) -> list[str]:
     out: list[str] = []
     for s in sets:

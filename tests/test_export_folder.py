@@ -9,12 +9,10 @@ import errno
 import hashlib
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 import pytest
-from helpers import call_main
 
 from robustcl.export_layout import export_files
 
@@ -27,19 +25,6 @@ def _tree(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(sys, "argv", sys.argv)
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = call_main(list(argv))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def test_export_into_a_clone_of_its_repo_replaces_only_the_export_files(tmp_path: Path, run: Path, exported, cli):

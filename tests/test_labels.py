@@ -23,10 +23,9 @@ import PIL.Image
 import pyarrow as pa
 import pytest
 import torch
-from helpers import REPO, TINY, call_main
+from helpers import REPO, TINY, call_main, user_error
 
 from robustcl.data.loading import BUILTIN_DIGITS, check_dataset, load_images
-from robustcl.errors import UserError
 from robustcl.evaluation.run import load_eval_data, run_dir_output
 from robustcl.recipe import Recipe, override_recipe
 
@@ -45,14 +44,6 @@ def _offline_and_private_cache(monkeypatch: pytest.MonkeyPatch, tmp_path_factory
     monkeypatch.setattr(datasets.config, "HF_DATASETS_OFFLINE", True)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path_factory.getbasetemp() / "hf_cache"))
-
-
-def _error(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 def _image(cls: str, i: int) -> PIL.Image.Image:
@@ -165,7 +156,9 @@ def test_string_and_class_label_splits_are_matched_by_name(tmp_path: Path) -> No
 def test_class_label_test_class_unknown_to_training_is_refused(tmp_path: Path) -> None:
     train = _split(["cat", "dog"], datasets.ClassLabel(names=["cat", "dog"]))
     test = _split(["dog", "zebra"], datasets.ClassLabel(names=["cat", "dog", "zebra"]))
-    message = _error(load_eval_data, _eval_recipe(_saved(tmp_path / "d", train, test), "eval.data.val_fraction=0.5"))
+    message = user_error(
+        load_eval_data, _eval_recipe(_saved(tmp_path / "d", train, test), "eval.data.val_fraction=0.5")
+    )
     assert "class 'zebra' in row 1" in message and "d:test" in message and "'cat', 'dog'" in message
 
 
@@ -176,7 +169,9 @@ def test_unknown_test_class_message_shortens_many_training_classes(tmp_path: Pat
         features=datasets.Features({"image": datasets.Image(), "label": STRING}),
     )
     test = _split(["cat"], STRING)
-    message = _error(load_eval_data, _eval_recipe(_saved(tmp_path / "d", train, test), "eval.data.label_column=label"))
+    message = user_error(
+        load_eval_data, _eval_recipe(_saved(tmp_path / "d", train, test), "eval.data.label_column=label")
+    )
     assert "class 'cat' in row 0" in message and "200 classes" in message and len(message) < 600, message
 
 
@@ -189,7 +184,7 @@ def test_named_classes_and_bare_integers_cannot_be_matched(tmp_path: Path) -> No
     )
     for train, test in ((named, bare), (bare, named)):
         path = _saved(tmp_path / f"d{len(list(tmp_path.iterdir()))}", train, test)
-        message = _error(
+        message = user_error(
             load_eval_data, _eval_recipe(path, "eval.data.label_column=label", "eval.data.val_fraction=0.5")
         )
         assert "cannot be matched" in message and "eval.data.label_column" in message, message
@@ -228,7 +223,7 @@ def _integer_labels(path: Path, labels: list[int], dtype: str = "int64") -> str:
 def test_too_many_integer_classes_are_refused_before_allocation(tmp_path: Path, labels: list[int]) -> None:
     path = _integer_labels(tmp_path / "d", labels)
     for fn, kwargs in ((load_images, {"resolution": 4}), (check_dataset, {})):
-        message = _error(fn, path, "train", label_column="y", **kwargs)
+        message = user_error(fn, path, "train", label_column="y", **kwargs)
         assert f"label {labels[-1]} in row {len(labels) - 1}" in message, message
         assert f"{MAX_CLASSES:,}" in message and "renumber" in message and "data.label_column" in message, message
 
@@ -257,13 +252,13 @@ def test_too_many_class_label_classes_are_refused(tmp_path: Path, monkeypatch: p
         {"image": [_image("cat", 0)], "label": [0]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=6)}),
     ).save_to_disk(str(tmp_path / "d"))
-    message = _error(load_images, str(tmp_path / "d"), "train", resolution=4)
+    message = user_error(load_images, str(tmp_path / "d"), "train", resolution=4)
     assert "ClassLabel column 'label' has 6 classes, more than the 5 classes robustcl allows" in message, message
 
 
 def test_uint64_label_is_reported_with_its_real_value(tmp_path: Path) -> None:
     path = _integer_labels(tmp_path / "d", [0, 2**64 - 1], dtype="uint64")
-    message = _error(load_images, path, "train", resolution=4, label_column="y")
+    message = user_error(load_images, path, "train", resolution=4, label_column="y")
     assert f"label {2**64 - 1} in row 1" in message and "missing" not in message, message
     small = load_images(_integer_labels(tmp_path / "ok", [0, 2, 1], "uint64"), "train", resolution=4, label_column="y",
                         progress=False)  # fmt: skip
@@ -271,7 +266,7 @@ def test_uint64_label_is_reported_with_its_real_value(tmp_path: Path) -> None:
 
 
 def test_images_that_cannot_fit_in_memory_are_refused_before_allocation() -> None:
-    message = _error(load_images, BUILTIN_DIGITS, "train", resolution=100_000, key_prefix="eval.data")
+    message = user_error(load_images, BUILTIN_DIGITS, "train", resolution=100_000, key_prefix="eval.data")
     assert "eval.data.resolution" in message and "eval.data.max_samples" in message, message
     assert "bytes" in message and "available" in message, message
 
@@ -280,7 +275,7 @@ def test_memory_check_compares_with_available_memory(monkeypatch: pytest.MonkeyP
     from robustcl import memory
 
     monkeypatch.setattr(memory, "available_memory", lambda: 50_000)
-    message = _error(load_images, BUILTIN_DIGITS, "train", resolution=32, max_samples=10, progress=False)
+    message = user_error(load_images, BUILTIN_DIGITS, "train", resolution=32, max_samples=10, progress=False)
     # 10 images × 32 × 32 × 3 bytes, held twice while reordered to channels-first.
     assert "needs 61,440 bytes" in message and "50,000 bytes (50.0 KB) available" in message, message
     assert "data.resolution" in message and "data.max_samples" in message, message
@@ -311,7 +306,7 @@ def test_check_fits_in_memory_refuses_only_what_does_not_fit(monkeypatch: pytest
     available = memory.available_memory()  # this machine's reading: a positive number of bytes on Linux
     assert available is not None and available > 0
     memory.check_fits_in_memory(available // 2, "a tensor", "somewhere", "make it smaller")
-    message = _error(memory.check_fits_in_memory, 2 * available, "a tensor", "somewhere", "make it smaller")
+    message = user_error(memory.check_fits_in_memory, 2 * available, "a tensor", "somewhere", "make it smaller")
     assert message.startswith("a tensor needs") and "(somewhere) — make it smaller" in message, message
     monkeypatch.setattr(memory, "available_memory", lambda: None)  # no reading (not Linux): nothing is refused
     memory.check_fits_in_memory(10**15, "a huge tensor", "somewhere", "make it smaller")
@@ -331,6 +326,6 @@ def test_decompression_bomb_warning_is_one_line_naming_row_and_file(
     monkeypatch.setattr(PIL.Image, "MAX_IMAGE_PIXELS", 200)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # any warning escaping the loader fails the test
-        message = _error(load_images, str(tmp_path / "imgs"), "train", resolution=8, progress=False)
+        message = user_error(load_images, str(tmp_path / "imgs"), "train", resolution=8, progress=False)
     assert "row 1" in message and "big.png" in message and "not a readable image" in message, message
     assert "decompression bomb" in message, message

@@ -19,6 +19,7 @@ import PIL.Image
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import user_error
 
 from robustcl.data import builtin
 from robustcl.data.loading import (
@@ -29,7 +30,6 @@ from robustcl.data.loading import (
     load_images,
     open_split,
 )
-from robustcl.errors import UserError
 
 CIFAR = Path(__file__).resolve().parents[2] / "shared/datasets/cifar10"
 
@@ -60,14 +60,6 @@ def _small_labelled(n: int = 6, size: int = 8) -> datasets.Dataset:
         {"image": images, "label": [i % 3 for i in range(n)]},
         features=_features(image=datasets.Image(), label=datasets.ClassLabel(names=["a", "b", "c"])),
     )
-
-
-def _error(fn, *args, **kwargs) -> str:
-    with pytest.raises(UserError) as info:
-        fn(*args, **kwargs)
-    message = str(info.value)
-    assert "\n" not in message, message
-    return message
 
 
 # ------------------------------------------------------------------------------------------ image folder
@@ -122,7 +114,7 @@ def test_image_folder_mixed_modes_and_sizes(image_folder) -> None:
 def test_check_dataset_on_image_folder(image_folder) -> None:
     root, _ = image_folder
     assert check_dataset(str(root), "train") == ("image", "label")
-    message = _error(check_dataset, str(root), "test")
+    message = user_error(check_dataset, str(root), "test")
     assert message.startswith(f"split 'test' not found in {root}; available splits: 'train' (data.split)")
 
 
@@ -182,7 +174,7 @@ def test_save_to_disk_dataset_remembers_its_split(tmp_path: Path) -> None:
     ds = _small_labelled()
     ds = datasets.Dataset(ds.data, info=ds.info, split=datasets.NamedSplit("train"))
     ds.save_to_disk(str(tmp_path / "train_only"))
-    message = _error(open_split, str(tmp_path / "train_only"), "test")
+    message = user_error(open_split, str(tmp_path / "train_only"), "test")
     assert "'train'" in message and "data.split" in message
 
 
@@ -191,7 +183,7 @@ def test_save_to_disk_dataset_dict(tmp_path: Path) -> None:
     dd.save_to_disk(str(tmp_path / "dd"))
     data = load_images(str(tmp_path / "dd"), "validation", resolution=8, progress=False)
     assert data.images.shape == (3, 3, 8, 8)
-    message = _error(load_images, str(tmp_path / "dd"), "test", resolution=8)
+    message = user_error(load_images, str(tmp_path / "dd"), "test", resolution=8)
     assert "'train'" in message and "'validation'" in message and "data.split" in message
 
 
@@ -203,7 +195,7 @@ def test_parquet_hub_layout_folder(tmp_path: Path) -> None:
     assert data.images.shape == (4, 3, 12, 12)
     assert data.class_names == ["a", "b", "c"] and data.labels.tolist() == [0, 1, 2, 0]
     assert len(open_split(str(root), "train[:2]")) == 2
-    message = _error(open_split, str(root), "validation", key_prefix="eval.data")
+    message = user_error(open_split, str(root), "validation", key_prefix="eval.data")
     assert "eval.data.split" in message and "'train'" in message and "'test'" in message
 
 
@@ -215,7 +207,7 @@ def test_single_parquet_file(tmp_path: Path) -> None:
 
 def test_empty_folder(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    message = _error(open_split, str(tmp_path / "empty"), "train")
+    message = user_error(open_split, str(tmp_path / "empty"), "train")
     assert "data.path" in message and "empty" in message
 
 
@@ -225,7 +217,7 @@ def test_empty_folder(tmp_path: Path) -> None:
 def test_no_image_column_names_the_columns_and_the_key(tmp_path: Path) -> None:
     ds = datasets.Dataset.from_dict({"pixels_as_text": ["a", "b"], "target": [0, 1]})
     ds.save_to_disk(str(tmp_path / "noimg"))
-    message = _error(load_images, str(tmp_path / "noimg"), "train", resolution=8)
+    message = user_error(load_images, str(tmp_path / "noimg"), "train", resolution=8)
     assert "pixels_as_text" in message and "target" in message and "data.image_column" in message
 
 
@@ -234,18 +226,18 @@ def test_several_image_columns_are_listed() -> None:
         {"left": [_rgb(4, 4, (0, 0, 0))], "right": [_rgb(4, 4, (0, 0, 0))]},
         features=_features(left=datasets.Image(), right=datasets.Image()),
     )
-    message = _error(detect_columns, ds, None, None, "pairs:train")
+    message = user_error(detect_columns, ds, None, None, "pairs:train")
     assert "'left'" in message and "'right'" in message and "data.image_column" in message
     assert detect_columns(ds, "right", None, "pairs:train") == ("right", None)
 
 
 def test_given_columns_must_exist_and_fit() -> None:
     ds = _small_labelled(2)
-    message = _error(detect_columns, ds, "img", None, "x:train", key_prefix="eval.data")
+    message = user_error(detect_columns, ds, "img", None, "x:train", key_prefix="eval.data")
     assert "'img'" in message and "eval.data.image_column" in message and "image, label" in message
-    message = _error(detect_columns, ds, None, "target", "x:train")
+    message = user_error(detect_columns, ds, None, "target", "x:train")
     assert "'target'" in message and "data.label_column" in message
-    message = _error(detect_columns, ds, "label", None, "x:train")
+    message = user_error(detect_columns, ds, "label", None, "x:train")
     assert "not images" in message
 
 
@@ -258,7 +250,7 @@ def test_several_class_label_columns_are_listed() -> None:
             fine=datasets.ClassLabel(names=["p", "q"]),
         ),
     )
-    message = _error(detect_columns, ds, None, None, "c:train")
+    message = user_error(detect_columns, ds, None, None, "c:train")
     assert "'coarse'" in message and "'fine'" in message and "data.label_column" in message
     assert detect_columns(ds, None, "fine", "c:train") == ("image", "fine")
 
@@ -277,7 +269,7 @@ def test_array_image_columns_need_to_be_named(tmp_path: Path) -> None:
     )
     ds.save_to_disk(str(tmp_path / "arrays"))
     path = str(tmp_path / "arrays")
-    assert "data.image_column" in _error(load_images, path, "train", resolution=8)
+    assert "data.image_column" in user_error(load_images, path, "train", resolution=8)
     for column in ("chw", "hwc"):
         data = load_images(path, "train", resolution=8, image_column=column, label_column="label", progress=False)
         assert torch.equal(data.images, torch.from_numpy(chw))
@@ -312,7 +304,7 @@ def test_label_out_of_range(tmp_path: Path) -> None:
     ds = datasets.Dataset(ds.data.table, info=datasets.DatasetInfo(features=two_classes))
     ds.save_to_disk(str(tmp_path / "bad"))
     for fn, kwargs in ((load_images, {"resolution": 4}), (check_dataset, {})):
-        message = _error(fn, str(tmp_path / "bad"), "train", **kwargs)
+        message = user_error(fn, str(tmp_path / "bad"), "train", **kwargs)
         assert "label 7" in message and "row 1" in message and "'label'" in message and "0..1" in message
         assert "data.label_column" in message
 
@@ -323,7 +315,7 @@ def test_negative_integer_label(tmp_path: Path) -> None:
         features=_features(image=datasets.Image(), y=datasets.Value("int64")),
     )
     ds.save_to_disk(str(tmp_path / "neg"))
-    message = _error(load_images, str(tmp_path / "neg"), "train", resolution=4, label_column="y")
+    message = user_error(load_images, str(tmp_path / "neg"), "train", resolution=4, label_column="y")
     assert "label -1" in message and "missing" in message
 
 
@@ -333,11 +325,11 @@ def test_empty_dataset_and_max_samples(tmp_path: Path) -> None:
         features=_features(image=datasets.Image(), label=datasets.ClassLabel(names=["a"])),
     )
     empty.save_to_disk(str(tmp_path / "empty"))
-    assert "no rows" in _error(load_images, str(tmp_path / "empty"), "train", resolution=8)
-    assert "no rows" in _error(check_dataset, str(tmp_path / "empty"), "train")
+    assert "no rows" in user_error(load_images, str(tmp_path / "empty"), "train", resolution=8)
+    assert "no rows" in user_error(check_dataset, str(tmp_path / "empty"), "train")
     _small_labelled(6).save_to_disk(str(tmp_path / "six"))
     six = str(tmp_path / "six")
-    assert "data.max_samples" in _error(load_images, six, "train", resolution=8, max_samples=0)
+    assert "data.max_samples" in user_error(load_images, six, "train", resolution=8, max_samples=0)
     first = load_images(str(tmp_path / "six"), "train", resolution=8, max_samples=4, progress=False)
     full = load_images(str(tmp_path / "six"), "train", resolution=8, progress=False)
     assert torch.equal(first.images, full.images[:4]) and first.labels.tolist() == [0, 1, 2, 0]
@@ -350,12 +342,12 @@ def test_unreadable_image_names_the_row(tmp_path: Path) -> None:
     )
     ds.save_to_disk(str(tmp_path / "broken"))
     for fn, kwargs in ((load_images, {"resolution": 4}), (check_dataset, {})):
-        message = _error(fn, str(tmp_path / "broken"), "train", **kwargs)
+        message = user_error(fn, str(tmp_path / "broken"), "train", **kwargs)
         assert "row 0" in message and "not a readable image" in message and "'image'" in message
 
 
 def test_bad_resolution() -> None:
-    assert "resolution" in _error(load_images, BUILTIN_DIGITS, "train", resolution=0)
+    assert "resolution" in user_error(load_images, BUILTIN_DIGITS, "train", resolution=0)
 
 
 # ------------------------------------------------------------------------------------------ paths / Hub
@@ -363,20 +355,20 @@ def test_bad_resolution() -> None:
 
 @pytest.mark.parametrize("path", ["./no/such/folder", "/no/such/folder", "~/no-such-robustcl-folder", "a/b/c"])
 def test_missing_local_path(path: str) -> None:
-    message = _error(load_images, path, "train", resolution=8)
+    message = user_error(load_images, path, "train", resolution=8)
     assert message == (
         f"dataset path not found (data.path: {path}) — check the path, or give a Hub dataset id like uoft-cs/cifar10"
     )
 
 
 def test_hub_id_offline_is_one_line() -> None:
-    message = _error(open_split, "robustcl-test-owner/no-such-dataset", "train")
+    message = user_error(open_split, "robustcl-test-owner/no-such-dataset", "train")
     assert message.startswith("cannot load dataset 'robustcl-test-owner/no-such-dataset' from the Hugging Face Hub: ")
     assert "(data.path) — check the id and your network, or point data.path to a local copy" in message
 
 
 def test_unknown_builtin() -> None:
-    assert BUILTIN_DIGITS in _error(open_split, "builtin:nope", "train")
+    assert BUILTIN_DIGITS in user_error(open_split, "builtin:nope", "train")
 
 
 # ------------------------------------------------------------------------------------------ builtin digits
@@ -404,7 +396,7 @@ def test_builtin_digits() -> None:
     raw = open_split(BUILTIN_DIGITS, "train").with_format("arrow")[:]["image"].to_pylist()
     raw += open_split(BUILTIN_DIGITS, "test").with_format("arrow")[:]["image"].to_pylist()
     assert len({r["bytes"] for r in raw}) >= 1790  # a handful of the real digits are exact duplicates
-    assert "'train'" in _error(open_split, BUILTIN_DIGITS, "validation")
+    assert "'train'" in user_error(open_split, BUILTIN_DIGITS, "validation")
 
 
 def test_builtin_digits_pixels_match_sklearn() -> None:
@@ -446,15 +438,17 @@ def test_cifar10_subset(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_more_user_errors(tmp_path: Path) -> None:
     saved = tmp_path / "saved"
     _small_labelled(3).save_to_disk(str(saved))
-    assert "data.name" in _error(open_split, str(saved), "train", name="plain_text")
-    assert "data.name" in _error(open_split, BUILTIN_DIGITS, "train", name="x")
+    assert "data.name" in user_error(open_split, str(saved), "train", name="plain_text")
+    assert "data.name" in user_error(open_split, BUILTIN_DIGITS, "train", name="x")
     (tmp_path / "notes.md").write_text("hello")
-    assert "is a file, not a dataset" in _error(open_split, str(tmp_path / "notes.md"), "train")
+    assert "is a file, not a dataset" in user_error(open_split, str(tmp_path / "notes.md"), "train")
     parquet = tmp_path / "pq"
     _small_labelled(3).to_parquet(str(parquet / "data" / "train-00000-of-00001.parquet"))
-    assert "eval.data.name" in _error(open_split, str(parquet), "train", name="nope", key_prefix="eval.data")
-    assert "data.split" in _error(open_split, str(parquet), "train[:nope]")
-    assert "cannot also be the labels" in _error(load_images, str(saved), "train", resolution=8, label_column="image")
+    assert "eval.data.name" in user_error(open_split, str(parquet), "train", name="nope", key_prefix="eval.data")
+    assert "data.split" in user_error(open_split, str(parquet), "train[:nope]")
+    assert "cannot also be the labels" in user_error(
+        load_images, str(saved), "train", resolution=8, label_column="image"
+    )
 
 
 def test_bad_values_in_columns(tmp_path: Path) -> None:
@@ -478,12 +472,12 @@ def test_bad_values_in_columns(tmp_path: Path) -> None:
     )
     ds.save_to_disk(str(tmp_path / "bad"))
     path = str(tmp_path / "bad")
-    assert "row 1 of column 'image' has no image" in _error(load_images, path, "train", resolution=4)
-    assert "not class labels" in _error(load_images, path, "train", resolution=4, label_column="score")
-    assert "are empty" in _error(load_images, path, "train", resolution=4, label_column="maybe")
-    assert "not images" in _error(load_images, path, "train", resolution=4, image_column="floaty")
-    assert "outside 0..255" in _error(load_images, path, "train", resolution=4, image_column="wide")
-    assert "(5, 5, 7)" in _error(check_dataset, path, "train", image_column="odd")
+    assert "row 1 of column 'image' has no image" in user_error(load_images, path, "train", resolution=4)
+    assert "not class labels" in user_error(load_images, path, "train", resolution=4, label_column="score")
+    assert "are empty" in user_error(load_images, path, "train", resolution=4, label_column="maybe")
+    assert "not images" in user_error(load_images, path, "train", resolution=4, image_column="floaty")
+    assert "outside 0..255" in user_error(load_images, path, "train", resolution=4, image_column="wide")
+    assert "(5, 5, 7)" in user_error(check_dataset, path, "train", image_column="odd")
     first = load_images(path, "train", resolution=4, max_samples=1, progress=False)
     assert first.images.shape == (1, 3, 4, 4)
 
@@ -491,9 +485,9 @@ def test_bad_values_in_columns(tmp_path: Path) -> None:
 def test_empty_parquet_split(tmp_path: Path) -> None:
     empty = _small_labelled(2).select([])
     empty.to_parquet(str(tmp_path / "empty.parquet"))
-    message = _error(load_images, str(tmp_path / "empty.parquet"), "train", resolution=4)
+    message = user_error(load_images, str(tmp_path / "empty.parquet"), "train", resolution=4)
     assert "has no rows" in message and "data.split" in message
-    assert "has no rows" in _error(check_dataset, str(tmp_path / "empty.parquet"), "train")
+    assert "has no rows" in user_error(check_dataset, str(tmp_path / "empty.parquet"), "train")
 
 
 def test_float_grayscale_images(tmp_path: Path) -> None:

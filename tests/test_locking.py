@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import TINY, call_main, start_robustcl, with_sets
+from helpers import TINY, start_robustcl, with_sets
 
 from robustcl.errors import FolderBusy
 from robustcl.locking import folder_lock, lock_path
@@ -47,12 +47,9 @@ def _holder(folder: Path) -> subprocess.Popen:
     return proc
 
 
-def _refusal(capsys: pytest.CaptureFixture[str], argv: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(sys, "argv", sys.argv)
-    capsys.readouterr()
+def _refusal(cli, argv: list[str]) -> str:
     started = time.monotonic()
-    code = call_main(argv)
-    err = capsys.readouterr().err
+    code, _, err = cli(*argv)
     assert code == 1, err
     assert time.monotonic() - started < 30, "refused late"
     lines = err.strip().splitlines()
@@ -61,7 +58,7 @@ def _refusal(capsys: pytest.CaptureFixture[str], argv: list[str], monkeypatch: p
 
 
 def test_a_second_pretrain_is_refused_at_once_and_a_killed_holder_does_not_block_the_resume(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, cli
 ) -> None:
     run = tmp_path / "run"
     args = ["pretrain", "recipes/quickstart.yaml", "-o", str(run)]
@@ -69,7 +66,7 @@ def test_a_second_pretrain_is_refused_at_once_and_a_killed_holder_does_not_block
     first = start_robustcl(*args, *sets)
     try:
         _wait_for(lambda: any(run.glob("checkpoints/step-*/COMPLETE")), first, "the first checkpoint")
-        line = _refusal(capsys, [*args, *sets], monkeypatch)
+        line = _refusal(cli, [*args, *sets])
         assert f"{run} is in use by robustcl pretrain (pid {first.pid} on host {socket.gethostname()}" in line
         assert "choose another --output-dir" in line
     finally:
@@ -77,10 +74,9 @@ def test_a_second_pretrain_is_refused_at_once_and_a_killed_holder_does_not_block
         first.wait()
     assert lock_path(run).exists(), "the killed process leaves its lock file behind"
     # The same command (only shorter, to end soon) resumes: the dead process's lock is gone with it.
-    code = call_main([*args, *with_sets(*SETS, "training.max_steps=2", "training.checkpoint_every=1")])
-    out = capsys.readouterr()
-    assert code == 0, out.err[-3000:]
-    assert "resumed from" in out.out + out.err
+    code, out, err = cli(*args, *with_sets(*SETS, "training.max_steps=2", "training.checkpoint_every=1"))
+    assert code == 0, err[-3000:]
+    assert "resumed from" in out + err
     assert not lock_path(run).exists(), "the lock file is removed when the run ends"
 
 
@@ -127,13 +123,11 @@ def test_a_lock_file_deleted_by_its_releasing_holder_is_not_taken_as_held(tmp_pa
         os.close(stale)
 
 
-def test_a_second_export_into_one_folder_is_refused(
-    tmp_path: Path, run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_second_export_into_one_folder_is_refused(tmp_path: Path, run: Path, cli) -> None:
     out = tmp_path / "export"
     holder = _holder(out)
     try:
-        line = _refusal(capsys, ["export", str(run), str(out)], monkeypatch)
+        line = _refusal(cli, ["export", str(run), str(out)])
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -142,14 +136,12 @@ def test_a_second_export_into_one_folder_is_refused(
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
-def test_a_second_evaluation_writing_into_one_run_is_refused(
-    tmp_path: Path, run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_a_second_evaluation_writing_into_one_run_is_refused(run: Path, cli) -> None:
     folder = run / "eval" / "slf"
     before = (folder / "eval.json").read_bytes()
     holder = _holder(folder)
     try:
-        line = _refusal(capsys, ["evaluate", str(run), *with_sets(*TINY)], monkeypatch)
+        line = _refusal(cli, ["evaluate", str(run), *with_sets(*TINY)])
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()

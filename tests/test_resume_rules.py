@@ -7,32 +7,16 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import sys
 from pathlib import Path
 
 import PIL.Image
-import pytest
-from helpers import TINY, call_main, with_sets
+from helpers import TINY, with_sets
 
 from robustcl.json_files import to_json
 from robustcl.train import DATA_FINGERPRINT_FILE
 
 QUICK = "recipes/quickstart.yaml"
 SETS = [*TINY, "eval.after_pretrain=false", "logging.progress_bar=false", "logging.trackers=[]"]
-
-
-@pytest.fixture
-def cli(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr(sys, "argv", sys.argv)
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-
-    def run(*argv: str) -> tuple[int, str, str]:
-        capsys.readouterr()
-        code = call_main(list(argv))
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def _files(root: Path) -> dict[str, tuple[str, int]]:
