@@ -5,6 +5,21 @@ diverged run; exit code 1)."""
 from __future__ import annotations
 
 import errno
+from typing import Any
+
+
+def one_line(text: str) -> str:
+    """``text`` with control characters (newlines, tabs, line separators) escaped: errors print on one line."""
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value as an error message quotes it: its repr, on one line, shortened."""
+    try:
+        text = one_line(repr(value))
+    except ValueError:  # an int beyond the 4300 digits Python converts to text
+        return "an integer too long to print"
+    return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 class UserError(Exception):

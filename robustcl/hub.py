@@ -16,9 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RemoteError, UserError
+from .errors import RemoteError, UserError, shown
 from .export_layout import CARD_FILE, export_file_set, export_files
-from .recipe import _shown
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -188,7 +187,7 @@ def _http_error(err: Exception, repo_id: str, endpoint: str) -> UserError:
 
 def _check_repo_id(repo_id: str) -> None:
     if invalid_repo_id(repo_id):
-        raise UserError(f"invalid repo id {_shown(repo_id)}", "REPO_ID", f"use {REPO_ID_RULE}")
+        raise UserError(f"invalid repo id {shown(repo_id)}", "REPO_ID", f"use {REPO_ID_RULE}")
     if "/" not in repo_id:
         raise UserError("the repo id needs a namespace", repo_id, "use NAMESPACE/NAME, e.g. my-org/acl-r18")
 

@@ -15,11 +15,11 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .errors import UserError
+from .errors import UserError, one_line, shown
 from .hub import REPO_ID_RULE, invalid_repo_id
 from .methods.base import Method
 from .models import RobustCLResNetPreTrainedModel
-from .recipe import Recipe, _one_line, _shown
+from .recipe import Recipe
 
 TEMPLATE_NAME = "robustcl_model_card.md"
 REPO_ID_WHERE = "--repo-id / export.repo_id"
@@ -72,7 +72,7 @@ def repo_name_from_folder(name: str) -> str:
 def given_repo_id(repo_id: str) -> str:
     """A repo id the user gave (``--repo-id``, ``export.repo_id``), refused unless it is a Hub repo id."""
     if invalid_repo_id(repo_id):
-        raise UserError(f"not a Hub repo id: {_shown(repo_id)}", REPO_ID_WHERE, f"use {REPO_ID_RULE}")
+        raise UserError(f"not a Hub repo id: {shown(repo_id)}", REPO_ID_WHERE, f"use {REPO_ID_RULE}")
     return repo_id
 
 
@@ -92,7 +92,7 @@ def card_repo_id(repo_id: str) -> str:
 def _md(text: str) -> str:
     """User text (folder, split, configuration names) as a markdown table cell or code span can hold it: on one
     line (control characters escaped), backticks (they would end the span) replaced, pipes (cell ends) escaped."""
-    return _one_line(text).replace("`", "'").replace("|", "\\|")
+    return one_line(text).replace("`", "'").replace("|", "\\|")
 
 
 def _pct(value: float | None) -> str:
@@ -116,8 +116,8 @@ def dataset_display(path: str) -> str:
     """A Hub dataset id as is; a local path by its folder name (cards are public, local paths are not). On one
     line: it goes into the card's metadata."""
     if _HUB_ID.fullmatch(path) or path.startswith("builtin:"):
-        return _one_line(path)
-    return _one_line(f"{Path(path).name or path} (local files)")
+        return one_line(path)
+    return one_line(f"{Path(path).name or path} (local files)")
 
 
 def _architecture(facts: CardFacts) -> dict[str, Any]:
@@ -229,8 +229,8 @@ def eval_results(evaluations: list[dict[str, Any]]) -> list[EvalResult]:
                     task_name="Image classification",
                     dataset_type=dataset_display(data["path"]),
                     dataset_name=dataset_display(data["path"]),
-                    dataset_config=_one_line(data["name"]) if data.get("name") else None,
-                    dataset_split=_one_line(data["test_split"]),
+                    dataset_config=one_line(data["name"]) if data.get("name") else None,
+                    dataset_split=one_line(data["test_split"]),
                     metric_type="accuracy",
                     metric_name=f"{name}, {protocol.upper()}",
                     metric_config=protocol,

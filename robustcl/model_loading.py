@@ -19,10 +19,9 @@ from typing import Any
 
 import torch
 
-from .errors import UserError
+from .errors import UserError, one_line
 from .memory import check_fits_in_memory
 from .models.configuration_robustcl import RobustCLResNetConfig
-from .recipe import _one_line
 
 SHOWN_KEYS = 3  # tensors named in a message; the count says how many there are in all
 _FLOAT32_BYTES = 4  # models are built in float32 before any dtype conversion
@@ -31,7 +30,7 @@ _FETCH_AGAIN = "copy, download or export the model again"
 
 def _key(name: str, limit: int = 120) -> str:
     """A tensor name as a message shows it: names come from the file, so on one line and shortened."""
-    name = _one_line(str(name))
+    name = one_line(str(name))
     return name if len(name) <= limit else name[: limit - 1] + "…"
 
 

@@ -23,7 +23,7 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import UserError
+from .errors import UserError, one_line, shown
 from .models.configuration_robustcl import (
     MAX_BLOCKS_PER_STAGE,
     MAX_PARAMETERS,
@@ -604,13 +604,13 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise UserError(
-            f"malformed override '{_one_line(text)}'", "--set", "write it as KEY=VALUE, e.g. training.max_steps=100"
+            f"malformed override '{one_line(text)}'", "--set", "write it as KEY=VALUE, e.g. training.max_steps=100"
         )
     try:
         value = read_yaml(raw) if raw.strip() else ""
     except DuplicateKey as exc:
         raise UserError(
-            f"key {_shown(exc.key)} is written twice in '{_one_line(text)}'", "--set", "keep one of them"
+            f"key {shown(exc.key)} is written twice in '{one_line(text)}'", "--set", "keep one of them"
         ) from None
     except (yaml.YAMLError, ValueError, RecursionError):
         # Not YAML (or a number or date PyYAML cannot convert): the text itself, which validation then judges.
@@ -626,10 +626,10 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
             child = node[part] = {}
         if not isinstance(child, dict):
             raise UserError(
-                f"cannot set '{_one_line('.'.join(path))}': '{_one_line('.'.join(path[: i + 1]))}' is a value, "
+                f"cannot set '{one_line('.'.join(path))}': '{one_line('.'.join(path[: i + 1]))}' is a value, "
                 "not a section",
                 "--set",
-                f"set '{_one_line('.'.join(path[: i + 1]))}' itself, or check the key's spelling",
+                f"set '{one_line('.'.join(path[: i + 1]))}' itself, or check the key's spelling",
             )
         node = child
     node[path[-1]] = value
@@ -648,38 +648,24 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-def _one_line(text: str) -> str:
-    """``text`` with control characters (newlines, tabs, line separators) escaped: errors print on one line."""
-    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
-
-
-def _shown(value: Any, limit: int = 80) -> str:
-    """A value as an error message quotes it: its repr, on one line, shortened."""
-    try:
-        text = _one_line(repr(value))
-    except ValueError:  # an int beyond the 4300 digits Python converts to text
-        return "an integer too long to print"
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
 def _format_validation_error(err: ValidationError, source: str) -> UserError:
     first = err.errors()[0]
     loc = tuple(first["loc"])
-    key = _one_line(".".join(str(p) for p in loc))
-    source = _one_line(source)
+    key = one_line(".".join(str(p) for p in loc))
+    source = one_line(source)
     if first["type"] == "extra_forbidden" and loc:
         parent = _section_at(tuple(p for p in loc[:-1] if not isinstance(p, int)))
         valid = sorted(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         fix = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         fix = (fix + " " if fix else "") + f"valid keys here: {', '.join(valid)}"
-        return UserError(f"unknown recipe key '{key}'", source, _one_line(fix))
-    msg = _one_line(first["msg"]).removeprefix("Value error, ")
+        return UserError(f"unknown recipe key '{key}'", source, one_line(fix))
+    msg = one_line(first["msg"]).removeprefix("Value error, ")
     if first["type"] == "value_error" and _section_at(loc) is not None:
         # A section's own check of keys that must agree: its message names them.
         return UserError(f"invalid recipe: {msg}", source, "change the keys named, in the recipe or with --set")
     return UserError(
-        f"invalid value for '{key}': {msg} (got {_shown(first.get('input'))})",
+        f"invalid value for '{key}': {msg} (got {shown(first.get('input'))})",
         source,
         "fix the value in the recipe or --set",
     )
@@ -694,7 +680,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         tree = read_yaml(path.read_text()) or {}
     except DuplicateKey as exc:
         raise UserError(
-            f"recipe key {_shown(exc.key)} is written twice in one section",
+            f"recipe key {shown(exc.key)} is written twice in one section",
             f"{path}:{exc.mark.line + 1}",
             "keep one of them (YAML would silently use the last)",
         ) from None
@@ -706,7 +692,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         # Valid YAML that PyYAML cannot turn into values: an int over Python's 4300 digits, a date like
         # 2024-13-01, lists nested past the recursion limit.
         reason = str(exc).split(";")[0] if isinstance(exc, ValueError) else "nested too deeply"
-        raise UserError(f"recipe cannot be read: {_one_line(reason)}", str(path), "check the values") from None
+        raise UserError(f"recipe cannot be read: {one_line(reason)}", str(path), "check the values") from None
     if not isinstance(tree, dict):
         raise UserError("recipe must be a mapping of sections", str(path), "start with e.g. 'data:' / 'training:'")
     return _with_overrides(tree, overrides, str(path))
