@@ -29,6 +29,7 @@ from .models.configuration_robustcl import (
     MAX_PARAMETERS,
     MAX_STAGES,
     MAX_WIDTH,
+    STEM_KERNEL,
     estimate_parameters,
 )
 
@@ -55,8 +56,6 @@ Hue = Annotated[float, Field(ge=0, le=0.5)]  # ColorJitter's hue shift is a frac
 # Seeds feed torch generators, also as seed + 1 and seed × 1,000,003 + index (evaluation): 32 bits keep every one
 # of them in range.
 Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
-# Convolution kernel of each stem: the input (data.resolution + 2 × padding) must be at least this large.
-_STEM_KERNEL = {"cifar": 3, "imagenet": 7}
 # Side of the square images data is decoded to. A 4096² RGB image is 48 MB decoded; beyond that a ResNet encoder is
 # not what anyone trains, and a typo (100000) would ask for 30 GB per image.
 MAX_RESOLUTION = 4096
@@ -511,7 +510,7 @@ class Recipe(Section):
     def _stem_fits_the_images(self) -> Recipe:
         # Otherwise the first convolution fails inside the first training (or evaluation) step.
         m = self.model
-        kernel, pad = _STEM_KERNEL[m.stem], m.stem_padding if m.stem_padding is not None else _STEM_PADDING[m.stem]
+        kernel, pad = STEM_KERNEL[m.stem], m.stem_padding if m.stem_padding is not None else _STEM_PADDING[m.stem]
         for key, resolution in [
             ("data.resolution", self.data.resolution),
             ("eval.data.resolution", self.eval.data.resolution),

@@ -168,19 +168,20 @@ def _claimed_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> Iterator[No
 def finished_run(run_dir: Path, recipe: Recipe) -> RunSummary | None:
     """The summary of ``run_dir`` when it is this recipe's run, finished: its summary names its newest checkpoint's
     step and the training length is unchanged (a longer one resumes the run)."""
-    try:
-        record = json.loads((run_dir / SUMMARY_FILE).read_text())
-        checkpoint = latest_checkpoint(run_dir, warn=False)
-        stored = read_run_recipe(run_dir)
-    except (OSError, ValueError, UserError):
-        return None
-    if not isinstance(record, dict) or checkpoint is None or stored is None:
-        return None
 
     def length(r: Recipe) -> tuple[int, int | None]:
         return r.training.epochs, r.training.max_steps
 
-    if length(stored) != length(recipe) or record.get("steps") != checkpoint_step(checkpoint):
+    try:
+        record = json.loads((run_dir / SUMMARY_FILE).read_text())
+        stored = read_run_recipe(run_dir)
+    except (OSError, ValueError, UserError):
+        return None
+    if not isinstance(record, dict) or stored is None or length(stored) != length(recipe):
+        return None
+    # Last: it hashes the checkpoint's files, which the session that resumes a longer run does again.
+    checkpoint = latest_checkpoint(run_dir, warn=False)
+    if checkpoint is None or record.get("steps") != checkpoint_step(checkpoint):
         return None
     try:
         return RunSummary(

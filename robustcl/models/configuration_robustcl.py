@@ -15,7 +15,8 @@ except ImportError:  # transformers < 5 spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
 STEMS = ("cifar", "imagenet")
-_STEM_KERNEL = {"cifar": 3, "imagenet": 7}
+# Side of each stem's first convolution.
+STEM_KERNEL = {"cifar": 3, "imagenet": 7}
 
 # Sizes are checked here, from the numbers alone, because building the model allocates every tensor first: a
 # config.json or recipe with block_layers [200000, ...] or widths of 1e5 would otherwise hang for minutes growing
@@ -181,7 +182,7 @@ def estimate_parameters(
 
     ``bn_copies`` is the number of BN branches (1 for plain BatchNorm).
     """
-    kernel = _STEM_KERNEL.get(stem, 7)
+    kernel = STEM_KERNEL.get(stem, 7)
     total = 2 * num_channels + num_channels * widths[0] * kernel * kernel + _batch_norm_values(widths[0], bn_copies)
     in_planes = widths[0]
     for stage, (blocks, width) in enumerate(zip(block_layers, widths)):
@@ -202,6 +203,7 @@ __all__ = [
     "MAX_PARAMETERS",
     "MAX_STAGES",
     "MAX_WIDTH",
+    "STEM_KERNEL",
     "RobustCLResNetConfig",
     "estimate_parameters",
 ]
