@@ -216,17 +216,33 @@ def export(
         Path | None,
         typer.Option(help="Jinja model card template (default: hub_cards/robustcl_model_card.md).", show_default=False),
     ] = None,
+    export_format: Annotated[
+        str,
+        typer.Option(
+            "--format",
+            help="remote-code: robustcl's model with its code (any architecture; trust_remote_code=True). native: "
+            "transformers' own ResNet (no remote code; normalisation in the image processor), for an ImageNet-stem "
+            "encoder with basic or bottleneck blocks.",
+        ),
+    ] = "remote-code",
 ) -> None:
     """Export the newest checkpoint as a transformers model folder: model.safetensors, config.json with remote code
     (AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True) works without robustcl), preprocessor_config.json,
-    README.md model card, recipe.yaml, and the run's evaluations of exactly these weights (eval/<protocol>/)."""
+    README.md model card, recipe.yaml, and the run's evaluations of exactly these weights (eval/<protocol>/). With
+    --format native, config.json is transformers' ResNet: AutoModel.from_pretrained(OUT_DIR) needs no remote code."""
     from .export import export_run
     from .model_card import given_repo_id
 
     if repo_id is not None:
         repo_id = given_repo_id(repo_id)  # a name typed here is refused; a default from a folder name is cleaned
     result = export_run(
-        run_dir, out_dir, bn_branch, classifier=classifier, repo_id=repo_id, card_template=card_template
+        run_dir,
+        out_dir,
+        bn_branch,
+        classifier=classifier,
+        repo_id=repo_id,
+        card_template=card_template,
+        export_format=export_format,
     )
     for reason in result.skipped:
         typer.echo(f"robustcl: warning: evaluation not exported — {reason}", err=True)
@@ -268,19 +284,19 @@ def cluster(
     encoder, then k-means (k-means++ seeding, fixed seed) on the GPU when there is one, for every K in
     method.advcl.clusters. Writes one safetensors file that records which images it labels; point the recipe at it
     with method.advcl.pseudo_labels."""
-    from .data.loading import load_pretraining_images
+    from .data.loading import open_pretraining_split, pretraining_images
     from .pseudo_labels import LABELS_FILE, compute_pseudo_labels, save_pseudo_labels
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_)
-    data = load_pretraining_images(loaded.data)
+    images = pretraining_images(open_pretraining_split(loaded.data), loaded.data)
     from .evaluation.backbone import load_model
 
     model = load_model(encoder, revision=revision, trust_remote_code=trust_remote_code).encoder
     labels = compute_pseudo_labels(
         model,
         encoder,
-        data.images,
+        images,
         loaded.method.advcl.clusters,
         seed=loaded.training.seed if seed is None else seed,
         normalize=normalize,
@@ -288,7 +304,7 @@ def cluster(
     )
     path = save_pseudo_labels(output or Path(loaded.method.advcl.pseudo_labels or LABELS_FILE), labels)
     sizes = ", ".join(f"K={k}: {int(v.bincount().count_nonzero())} clusters" for k, v in labels.labels.items())
-    typer.echo(f"robustcl: pseudo-labels of {len(data.images)} images ({sizes}) written to {path}")
+    typer.echo(f"robustcl: pseudo-labels of {len(images)} images ({sizes}) written to {path}")
 
 
 @app.command("push-to-hub")
@@ -368,9 +384,12 @@ def recipe_validate(
 ) -> None:
     """Check a recipe: keys, types, ranges and (by default) that the dataset opens and has an image column.
     Exits 0 when valid, 2 with a one-line error otherwise."""
+    from .methods import METHODS
+    from .methods.views import original_crop_plan
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_)
+    original_crop_plan(loaded, METHODS[loaded.method.name].original_crops)  # settings that only fit together
     if check_data:
         from .data.loading import check_dataset
 

@@ -22,12 +22,15 @@ import shlex
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, ExitStack, contextmanager
+from typing import TypeVar
 
 from accelerate import Accelerator
 from accelerate.utils import DistributedType
 
 from .errors import UserError
 from .launcher import LAUNCH_PROCESSES_VAR
+
+T = TypeVar("T")
 
 # The world-size variables of torchrun / accelerate's multi-process launchers, then of MPI launchers.
 _WORLD_SIZE_VARS = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
@@ -176,3 +179,53 @@ def on_main_process(accelerator: Accelerator, context: Callable[[], AbstractCont
                 error = err
         raise_on_every_process(accelerator, error)
         yield
+
+
+def processes_on_node(accelerator: Accelerator) -> int:
+    """How many processes of the group share this machine (torchrun and accelerate export LOCAL_WORLD_SIZE)."""
+    value = os.environ.get("LOCAL_WORLD_SIZE", "").strip()
+    return int(value) if value.isdigit() else accelerator.num_processes
+
+
+def node_main_first(accelerator: Accelerator, work: Callable[[], T]) -> T:
+    """``work()`` on each node's main process first, then on the others: dataset preparation (download, Arrow
+    conversion) happens once per node and the others open the finished cache instead of racing to write it. A
+    failure on a node's main process ends every process, with its message, instead of leaving them in a barrier."""
+    if accelerator.num_processes == 1:
+        return work()
+    first = accelerator.is_local_main_process
+    result: T | None = None
+    error: Exception | None = None
+    if first:
+        try:
+            result = work()
+        except Exception as exc:  # noqa: BLE001 — re-raised below, after the others have heard of it
+            error = exc
+    reported = first_failure(error, "preparing the data")
+    if error is not None:
+        raise error
+    if reported is not None:
+        raise reported
+    return result if first else work()
+
+
+def first_failure(error: Exception | None, doing: str) -> Exception | None:
+    """The first failure of any process of the default group (None: none failed), as every process raises it: a
+    UserError as itself (message, exit code), anything else as a RuntimeError naming it. Every process must call
+    this, failed or not: it is a collective."""
+    import torch.distributed as dist
+
+    summary = None
+    if error is not None:
+        summary = (str(error), error.exit_code if isinstance(error, UserError) else None, type(error).__name__)
+    summaries: list = [None] * dist.get_world_size()
+    dist.all_gather_object(summaries, summary)  # plain strings and ints between our own processes
+    first = next((s for s in summaries if s is not None), None)
+    if first is None:
+        return None
+    message, exit_code, kind = first
+    if exit_code is None:
+        return RuntimeError(f"another process failed {doing}: {kind}: {message}")
+    failure = UserError(message)
+    failure.exit_code = exit_code
+    return failure

@@ -39,6 +39,10 @@ class UserError(Exception):
             text += f" — {fix}"
         super().__init__(text)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # A DataLoader worker hands its error to the training process by pickling it: keep the three parts.
+        return (type(self), (self.what, self.where, self.fix))
+
 
 class RemoteError(UserError):
     """A remote service (the Hub) failed; the input was fine and the same command may succeed later. Exit code 1."""

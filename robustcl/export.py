@@ -1,6 +1,7 @@
 """``robustcl export``: a run's encoder (or a finetuned classifier) as a transformers model folder — safetensors
 weights, config with remote code, image processor config, model card, recipe and the evaluations of exactly these
-weights. The folder list is in ``export_layout``.
+weights. The folder list is in ``export_layout``. ``--format native`` writes an ImageNet-stem basic/bottleneck encoder
+as transformers' own ResNet instead (no remote code; the image processor normalises).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from .export_layout import (
     CONFIG_FILE,
     CURVE_FILE,
     EVAL_DIR,
-    MODEL_TYPE,
+    NATIVE_FORMAT,
     PREPROCESSOR_FILE,
     PROTOCOLS,
     RECIPE_FILE,
@@ -28,7 +29,7 @@ from .export_layout import (
     WEIGHTS_FILE,
     export_file_set,
     export_files,
-    read_model_type,
+    is_export_config,
 )
 from .fingerprint import weights_sha256
 from .locking import folder_lock
@@ -36,6 +37,7 @@ from .methods.base import Method
 from .model_card import CardFacts, render_model_card
 from .model_loading import check_model_size, load_checkpoint_weights, load_model_folder
 from .models import RobustCLResNetForImageClassification, RobustCLResNetModel, RobustCLResNetPreTrainedModel
+from .native_export import REMOTE_CODE_FORMAT, check_native, checked_format, native_resnet
 from .recipe import Recipe
 from .run_dir import TRAIN_STATE, read_run_recipe, require_checkpoint
 
@@ -52,10 +54,20 @@ def single_branch_encoder(encoder: RobustCLResNetModel, bn_branch: str | None) -
     return encoder.to_single_branch(bn_branch if branches else None).eval()
 
 
-def image_processor_config(resolution: int) -> dict[str, Any]:
+def image_processor_config(
+    resolution: int, image_mean: list[float] | None = None, image_std: list[float] | None = None
+) -> dict[str, Any]:
     """transformers' ``BitImageProcessor`` settings that match robustcl's own data loading: shorter side resized to
-    ``resolution`` (bicubic), centre crop, pixels scaled to [0, 1], no normalisation (the model normalises inside).
+    ``resolution`` (bicubic), centre crop, pixels scaled to [0, 1]; no normalisation (the model normalises inside)
+    unless ``image_mean``/``image_std`` are given (a native export, whose model does not).
     """
+    if image_mean is not None and image_std is not None:
+        return {
+            **image_processor_config(resolution),
+            "do_normalize": True,
+            "image_mean": list(image_mean),
+            "image_std": list(image_std),
+        }
     return {
         "image_processor_type": "BitImageProcessor",
         "do_convert_rgb": True,
@@ -85,7 +97,7 @@ def _export_target(out_dir: Path) -> Path:
     target = out_dir.resolve() if out_dir.is_symlink() else out_dir
     if target.exists() and not target.is_dir():
         raise UserError("the output path is a file, not a folder", str(out_dir), "give a folder path for the export")
-    if target.is_dir() and any(target.iterdir()) and read_model_type(target) != MODEL_TYPE:
+    if target.is_dir() and any(target.iterdir()) and not is_export_config(target):
         raise UserError(
             "output folder exists and is not a robustcl export",
             str(out_dir),
@@ -103,10 +115,15 @@ def _readable_files(folder: Path) -> None:
             path.chmod(0o666 & ~umask)
 
 
-def _write_files(
-    folder: Path, model: RobustCLResNetPreTrainedModel, facts: CardFacts, eval_dirs: dict[str, Path], card: Any
-) -> None:
-    """Every file of the export into ``folder``, checked to be exactly a complete export."""
+def _write_native_model(folder: Path, model: RobustCLResNetModel, resolution: int) -> None:
+    """transformers' ResNetModel with ``model``'s weights, and an image processor that normalises."""
+    native_resnet(model).save_pretrained(folder, safe_serialization=True)
+    processor = image_processor_config(resolution, model.config.image_mean, model.config.image_std)
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps(processor, indent=2) + "\n")
+
+
+def _write_model(folder: Path, model: RobustCLResNetPreTrainedModel, resolution: int) -> None:
+    """The model with its remote code, and an image processor that does not normalise (the model does)."""
     is_classifier = isinstance(model, RobustCLResNetForImageClassification)
     # auto_map + copied modeling files: AutoModel.from_pretrained(..., trust_remote_code=True) works with
     # transformers and torch alone.
@@ -118,7 +135,17 @@ def _write_files(
         config = json.loads((folder / CONFIG_FILE).read_text())
         config["auto_map"]["AutoModel"] = f"modeling_robustcl.{RobustCLResNetModel.__name__}"
         (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    (folder / PREPROCESSOR_FILE).write_text(json.dumps(image_processor_config(facts.resolution), indent=2) + "\n")
+    (folder / PREPROCESSOR_FILE).write_text(json.dumps(image_processor_config(resolution), indent=2) + "\n")
+
+
+def _write_files(
+    folder: Path, model: RobustCLResNetPreTrainedModel, facts: CardFacts, eval_dirs: dict[str, Path], card: Any
+) -> None:
+    """Every file of the export into ``folder``, checked to be exactly a complete export."""
+    if facts.export_format == NATIVE_FORMAT:
+        _write_native_model(folder, model, facts.resolution)
+    else:
+        _write_model(folder, model, facts.resolution)
     if facts.recipe is not None:
         (folder / RECIPE_FILE).write_text(facts.recipe.to_yaml())
     for protocol, source in eval_dirs.items():
@@ -189,9 +216,13 @@ def export_encoder(
     out_dir: Path,
     recipe: Recipe | None = None,
     resolution: int = 32,
+    export_format: str = REMOTE_CODE_FORMAT,
 ) -> RobustCLResNetModel:
     """Export a bare encoder (no run directory: no training record, no evaluations); returns the exported model."""
+    checked_format(export_format)
     model = single_branch_encoder(encoder, bn_branch)
+    if export_format == NATIVE_FORMAT:
+        check_native(model.config)
     facts = CardFacts(
         repo_id=Path(out_dir).name,
         license=recipe.export.license if recipe else "apache-2.0",
@@ -199,6 +230,7 @@ def export_encoder(
         resolution=recipe.data.resolution if recipe else resolution,
         bn_branch=bn_branch if encoder.config.bn_branches else None,
         recipe=recipe,
+        export_format=export_format,
     )
     write_export(model, out_dir, facts)
     return model
@@ -321,17 +353,22 @@ def export_run(
     classifier: str | None = None,
     repo_id: str | None = None,
     card_template: Path | None = None,
+    export_format: str = REMOTE_CODE_FORMAT,
 ) -> ExportResult:
     """Export the newest complete checkpoint of a run directory (what ``robustcl export`` does).
 
     The run's evaluations (``RUN_DIR/eval/<protocol>/eval.json``) of exactly the exported weights go into the folder
     and the card. With ``classifier`` (a protocol), the export is the classifier that evaluation finetuned, loadable
-    with ``AutoModelForImageClassification`` (and its encoder with ``AutoModel``).
+    with ``AutoModelForImageClassification`` (and its encoder with ``AutoModel``). ``export_format`` ``native``
+    writes the encoder as transformers' own ResNet (see :func:`native_resnet`).
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
+    checked_format(export_format, classifier)
     method, recipe, compute = _method_from_run(run_dir)
     branch = _branch_for(method, recipe, bn_branch)
     encoder = single_branch_encoder(method.encoder, branch)
+    if export_format == NATIVE_FORMAT:
+        check_native(encoder.config)
     fingerprint = weights_sha256(encoder)
     if classifier is None:
         model = encoder
@@ -352,6 +389,7 @@ def export_run(
         compute=compute,
         evaluations=reports,
         classifier_protocol=classifier,
+        export_format=export_format,
     )
     write_export(model, out_dir, facts, eval_dirs, card_template)
     return ExportResult(out_dir, list(eval_dirs), skipped)

@@ -1,7 +1,7 @@
 """What an export folder holds, by name: the single list that ``robustcl export`` writes and ``robustcl
 push-to-hub`` accepts. Light on imports, so evaluation and publishing can use it without training code.
 
-Layout::
+Layout (``--format remote-code``, the default)::
 
     model.safetensors            weights (safetensors only)
     config.json                  transformers config with auto_map → the copied *.py files
@@ -10,6 +10,10 @@ Layout::
     README.md                    model card
     recipe.yaml                  resolved training recipe (when exported from a run)
     eval/<protocol>/eval.json, eval/<protocol>/robustness_curve.png   evaluations of exactly these weights
+
+``--format native`` writes the same files without the remote code: config.json is transformers' own ResNet
+(model_type ``resnet``, marked ``"robustcl_export": "native"`` so that robustcl knows the folder as its export) and
+the image processor normalises, since transformers' ResNet does not.
 """
 
 from __future__ import annotations
@@ -30,6 +34,9 @@ CURVE_FILE = "robustness_curve.png"
 CLASSIFIER_DIR = "classifier"  # beside eval.json: the finetuned classifier an evaluation produced
 PROTOCOLS = ("slf", "alf", "aff")
 MODEL_TYPE = "robustcl-resnet"
+NATIVE_MODEL_TYPE = "resnet"  # transformers' own ResNetModel (export --format native)
+EXPORT_MARKER = "robustcl_export"  # config.json key of a native export: only robustcl exports are replaced
+NATIVE_FORMAT = "native"
 
 REQUIRED_FILES = (WEIGHTS_FILE, CONFIG_FILE, PREPROCESSOR_FILE, CARD_FILE)
 
@@ -46,12 +53,26 @@ def export_file_set() -> set[str]:
     return {*REQUIRED_FILES, RECIPE_FILE, *remote_code_files(), *evals}
 
 
+def _read_config(folder: Path) -> dict:
+    try:
+        config = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def read_model_type(folder: Path) -> str | None:
     """``model_type`` of the folder's config.json, or None when there is no readable one."""
-    try:
-        return json.loads((Path(folder) / CONFIG_FILE).read_text()).get("model_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+    return _read_config(folder).get("model_type")
+
+
+def is_export_config(folder: Path) -> bool:
+    """The folder's config.json is a robustcl export's, in either format (a native export is a transformers ResNet
+    carrying robustcl's marker; any other ResNet folder is not robustcl's to replace or publish)."""
+    config = _read_config(folder)
+    if config.get("model_type") == MODEL_TYPE:
+        return True
+    return config.get("model_type") == NATIVE_MODEL_TYPE and config.get(EXPORT_MARKER) == NATIVE_FORMAT
 
 
 def export_files(folder: Path) -> list[str]:
@@ -85,8 +106,8 @@ def export_files(folder: Path) -> list[str]:
             str(folder),
             "re-run robustcl export RUN_DIR OUT_DIR to write a complete folder",
         )
-    model_type = read_model_type(folder)
-    if model_type != MODEL_TYPE:
+    if not is_export_config(folder):
+        model_type = read_model_type(folder)
         raise UserError(
             f"config.json does not describe a robustcl model (model_type {model_type!r})",
             str(folder / CONFIG_FILE),

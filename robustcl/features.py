@@ -7,6 +7,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import module_mode
+from .data.images import ImageRows, read_chunks
 
 CHUNK = 512  # images per forward when encoding a dataset
 
@@ -24,3 +25,23 @@ def encode(
     chunks = tqdm(images.split(chunk), desc="features", unit="batch", dynamic_ncols=True, disable=not progress)
     with module_mode(encoder, False):
         return torch.cat([encoder(pixels(part, device)) for part in chunks])
+
+
+@torch.no_grad()
+def encode_rows(
+    encoder: nn.Module,
+    images: ImageRows,
+    device: torch.device,
+    progress: bool = False,
+    chunk: int = CHUNK,
+    workers: int = 0,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Features of the images of ``images`` at ``rows`` (default: all, in dataset order), decoded or streamed by
+    ``workers`` processes."""
+    rows = torch.arange(len(images)) if rows is None else rows
+    if len(rows) == 0 and len(images):  # an empty shard (fewer images than processes) still has the feature width
+        return encode_rows(encoder, images, device, False, chunk, 0, torch.arange(1))[:0]
+    parts = read_chunks(images, rows, chunk, workers, progress, desc="features")
+    with module_mode(encoder, False):
+        return torch.cat([encoder(pixels(part, device)) for part, _ in parts])

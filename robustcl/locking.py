@@ -33,6 +33,22 @@ _UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 # Paths this process holds: flock on NFS follows POSIX rules, where a second open + close of the same file by the
 # same process would release the first lock; a second claim here is refused before the file is touched.
 _held: set[Path] = set()
+_held_fds: set[int] = set()
+
+
+def _drop_inherited_locks() -> None:
+    # A forked child (a DataLoader worker of the training process) shares the lock's open file; while it kept its
+    # copy, a SIGKILLed holder's lock would outlive it until the child noticed and exited. The parent keeps its own.
+    for fd in _held_fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held_fds.clear()
+    _held.clear()
+
+
+os.register_at_fork(after_in_child=_drop_inherited_locks)
 
 
 def lock_path(folder: Path) -> Path:
@@ -113,12 +129,14 @@ def folder_lock(folder: Path, command: str, fix: str) -> Iterator[None]:
         else:
             os.ftruncate(fd, 0)
             os.pwrite(fd, _holder_record(command).encode(), 0)
+            _held_fds.add(fd)
         _held.add(folder)
         try:
             yield
         finally:
             _held.discard(folder)
-            if fd is not None:
+            if fd in _held_fds:  # not in a forked child, which dropped its copy and must not touch the file
+                _held_fds.discard(fd)
                 path.unlink(missing_ok=True)  # still locked: a process waiting on this file sees it gone, retries
                 os.close(fd)
     finally:

@@ -12,7 +12,7 @@ __all__ = ["available_memory", "check_fits_in_memory"]
 
 # Share of the available memory one allocation may take: the process also needs room for the model, the decoder's
 # batches and the rest of the machine, and the reading is a snapshot that other processes change.
-_USABLE_SHARE = 0.9
+USABLE_SHARE = 0.9
 
 # cgroup limits (containers, Slurm jobs) that can be far below what the machine reports: (limit, usage) files.
 _CGROUP_FILES = (
@@ -68,7 +68,7 @@ def check_fits_in_memory(nbytes: int, what: str, where: str, fix: str) -> None:
     usable share of the available memory; ``what`` names the allocation (e.g. "decoding 50,000 images at 32×32").
     Nothing is refused when the platform gives no reading."""
     available = available_memory()
-    if available is None or nbytes <= _USABLE_SHARE * available:
+    if available is None or nbytes <= USABLE_SHARE * available:
         return
     raise UserError(
         f"{what} needs {nbytes:,} bytes ({_human(nbytes)}) of memory, {available:,} bytes ({_human(available)}) "

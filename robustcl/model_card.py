@@ -49,6 +49,7 @@ class CardFacts:
     compute: dict[str, Any] | None = None  # the checkpoint's record: steps, images_seen, wall_time_s, hardware
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json reports
     classifier_protocol: str | None = None  # set when the export is a finetuned classifier
+    export_format: str = "remote-code"  # "native": transformers' own ResNet, normalisation in the image processor
 
 
 def default_template() -> Path:
@@ -120,12 +121,24 @@ def dataset_display(path: str) -> str:
     return one_line(f"{Path(path).name or path} (local files)")
 
 
+def _family(config: Any) -> str:
+    """The network's name as papers give it: ResNet-50, WRN-34-10 (widths 16k/32k/64k), …"""
+    block = config.block
+    if block == "wide_preact":
+        # Zagoruyko & Komodakis count 6n + 4 layers for three stages of n blocks.
+        depth, k = 4 + 2 * sum(config.block_layers), config.widths[0] // 16
+        if k and config.widths == [16 * k, 32 * k, 64 * k] and len(set(config.block_layers)) == 1:
+            return f"WRN-{depth}-{k}"
+        return f"wide pre-activation ResNet ({depth} layers)"
+    # Counted as ResNet names count: the stem conv, the convs of every block and the final linear layer.
+    depth = 2 + (3 if block == "bottleneck" else 2) * sum(config.block_layers)
+    return f"ResNet-{depth}" + (" (bottleneck blocks)" if block == "bottleneck" else "")
+
+
 def _architecture(facts: CardFacts) -> dict[str, Any]:
     config = facts.model.config
-    # Counted as ResNet names count: the stem conv, two convs per basic block and the final linear layer.
-    depth = 2 + 2 * sum(config.block_layers)
     return {
-        "description": f"ResNet-{depth}, {config.stem} stem, widths {'/'.join(map(str, config.widths))}, "
+        "description": f"{_family(config)}, {config.stem} stem, widths {'/'.join(map(str, config.widths))}, "
         f"blocks {'/'.join(map(str, config.block_layers))}",
         "parameters": f"{sum(p.numel() for p in facts.model.parameters()):,}",
         "feature_dim": config.hidden_size,
@@ -247,6 +260,63 @@ def eval_results(evaluations: list[dict[str, Any]]) -> list[EvalResult]:
     return results
 
 
+_NATIVE_LOADING = """## How to load
+
+```python
+import torch
+from transformers import AutoImageProcessor, AutoModel
+
+processor = AutoImageProcessor.from_pretrained("{repo_id}")
+encoder = AutoModel.from_pretrained("{repo_id}").eval()  # transformers' own ResNetModel, no remote code
+features = encoder(**processor(images, return_tensors="pt")).pooler_output.flatten(1)  # N×{dim}
+```
+
+This is a plain transformers ResNet (`model_type: resnet`). Unlike robustcl's own exports, it does **not** normalise
+its input: `AutoImageProcessor` resizes (shorter side, bicubic), centre-crops, scales pixels to [0, 1] and then
+normalises them (mean {mean} / std {std}). `last_hidden_state` is the final feature map, `pooler_output` its global
+average (N×{dim}×1×1).
+
+### Attacking it in pixel space
+
+The threat model of every robustness figure here is an L∞ ball of radius ε around pixels in [0, 1]. To attack (or
+adversarially finetune) this model in that space, normalise inside the attacked function and let the attack
+perturb the [0, 1] pixels:
+
+```python
+mean = torch.tensor(processor.image_mean).view(1, -1, 1, 1)
+std = torch.tensor(processor.image_std).view(1, -1, 1, 1)
+
+class PixelSpace(torch.nn.Module):  # what the attack sees: [0, 1] pixels in, features out
+    def __init__(self, encoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, pixels):  # N×3×{resolution}×{resolution} in [0, 1]
+        return self.encoder((pixels - mean) / std).pooler_output.flatten(1)
+```
+
+Perturbing the normalised tensor instead scales ε by 1/std per channel (about 4×): not the threat model measured
+here.
+
+"""
+_LOADING_HEADING = "## How to load"
+
+
+def _native_text(text: str, facts: CardFacts, repo_id: str) -> str:
+    """The card's text for a native export: its loading section replaced (or added) by one that needs no remote
+    code, normalises through the image processor and says how to attack the model in pixel space."""
+    arch = _architecture(facts)
+    section = _NATIVE_LOADING.format(
+        repo_id=repo_id, dim=arch["feature_dim"], mean=arch["mean"], std=arch["std"], resolution=facts.resolution
+    )
+    text = text.replace("happens inside the model", "is the image processor's: this model does not normalise")
+    start = text.find(_LOADING_HEADING)
+    if start < 0:  # a custom template without the section
+        return text.rstrip("\n") + "\n\n" + section
+    end = text.find("\n## ", start + len(_LOADING_HEADING))
+    return text[:start] + section + (text[end + 1 :] if end >= 0 else "")
+
+
 def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCard:
     """The card as a ``ModelCard`` (YAML metadata + markdown)."""
     template = Path(template) if template is not None else default_template()
@@ -295,7 +365,7 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
     import jinja2
 
     try:
-        return ModelCard.from_template(
+        card = ModelCard.from_template(
             data,
             template_path=str(template),
             title=title,
@@ -310,8 +380,12 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
             evaluations=_evaluation_rows(facts.evaluations),
             threat=_threat(facts.evaluations),
             license=facts.license,
+            native=facts.export_format == "native",
         )
     except jinja2.TemplateError as err:
         raise UserError(
             f"the model card template does not render: {err}", str(template), "fix the jinja template"
         ) from None
+    if facts.export_format == "native":
+        card.text = _native_text(card.text, facts, repo_id)
+    return card

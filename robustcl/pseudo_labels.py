@@ -7,6 +7,7 @@ resolution), the encoder reference, the seed and whether features were L2-normal
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,10 +15,10 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .data.images import ImageRows
 from .errors import UserError
-from .features import CHUNK, encode
-from .fingerprint import images_fingerprint
-from .kmeans import kmeans
+from .features import CHUNK, encode_rows
+from .kmeans import OneProcess, kmeans, shard_range
 
 LABELS_FILE = "pseudo_labels.safetensors"
 
@@ -34,7 +35,7 @@ class PseudoLabels:
 def compute_pseudo_labels(
     encoder: torch.nn.Module,
     reference: str,
-    images: torch.Tensor,
+    images: ImageRows,
     clusters: Sequence[int],
     *,
     seed: int = 0,
@@ -42,20 +43,54 @@ def compute_pseudo_labels(
     device: torch.device | None = None,
     batch_size: int = CHUNK,
     progress: bool = True,
-) -> PseudoLabels:
+    group: OneProcess | None = None,
+) -> PseudoLabels | None:
     """Cluster ``images`` (uint8, dataset order) by the features of ``encoder`` (pixels in [0, 1] → features; its
-    ``reference`` is recorded in the file) for every K."""
+    ``reference`` is recorded in the file) for every K.
+
+    Under a ``group`` every process calls this: each encodes only its block of rows (:func:`shard_range`), keeps its
+    features, and k-means combines the shards; the labels are gathered on rank 0, which gets the result (None
+    elsewhere). A failure of one process's feature pass (an unreadable image in its shard) ends every process with
+    its message. Setting ``ROBUSTCL_ENCODED_ROWS_LOG`` to a file appends one line per process naming the rows it
+    encoded (tests check the sharding with it)."""
+    group = group or OneProcess()
     for k in clusters:  # before the feature pass, which is the slow part
         if k > len(images):
             raise UserError(f"cannot form {k} clusters from {len(images)} images", "method.advcl.clusters")
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    features = encode(encoder.to(device), images, device, progress, batch_size).float()
-    if normalize:
-        features = torch.nn.functional.normalize(features, dim=1)
+    features = group.agree(
+        lambda: _encode_shard(encoder.to(device), images, group, device, normalize, progress, batch_size),
+        "encoding the images",
+    )
     labels = {}
     for k in tqdm(list(clusters), desc="k-means", unit="K", disable=not progress):
-        labels[int(k)] = kmeans(features, int(k), seed=seed).labels.cpu()
-    return PseudoLabels(labels, images_fingerprint(images), str(reference), seed, normalize)
+        found = kmeans(features, int(k), seed=seed, group=group).labels
+        labels[int(k)] = group.gather_rows(found)
+    if group.rank != 0:
+        return None
+    return PseudoLabels({k: v.cpu() for k, v in labels.items()}, images.identity(), str(reference), seed, normalize)
+
+
+def _encode_shard(
+    encoder: torch.nn.Module,
+    images: ImageRows,
+    group: OneProcess,
+    device: torch.device,
+    normalize: bool,
+    progress: bool,
+    batch_size: int,
+) -> torch.Tensor:
+    """float32 features of this process's block of rows, L2-normalised when ``normalize``."""
+    # Blocks of whole feature batches: every image is encoded in the very batch one process would encode it in, so
+    # the features do not depend on the process count (batch-shape-dependent kernels, TF32 convolutions).
+    rows = shard_range(len(images), group.rank, group.size, align=batch_size)
+    features = encode_rows(encoder, images, device, progress, batch_size, rows=torch.arange(rows.start, rows.stop))
+    log = os.environ.get("ROBUSTCL_ENCODED_ROWS_LOG")
+    if log:  # a test hook: which rows this process pushed through the encoder
+        with open(log, "a") as f:
+            f.write(f"process {group.rank} of {group.size} encoded rows {rows.start}..{rows.stop}\n")
+    features = features.float()
+    return torch.nn.functional.normalize(features, dim=1) if normalize else features
 
 
 def save_pseudo_labels(path: Path, result: PseudoLabels) -> Path:
@@ -76,7 +111,7 @@ def save_pseudo_labels(path: Path, result: PseudoLabels) -> Path:
     return path
 
 
-def load_pseudo_labels(path: Path, clusters: Sequence[int], images: torch.Tensor) -> torch.Tensor:
+def load_pseudo_labels(path: Path, clusters: Sequence[int], images: ImageRows) -> torch.Tensor:
     """Labels [len(clusters), N] for these exact images, or a UserError that says what does not match."""
     from safetensors import safe_open
 
@@ -103,7 +138,7 @@ def load_pseudo_labels(path: Path, clusters: Sequence[int], images: torch.Tensor
             stacked = torch.stack([f.get_tensor(f"k{k}").long() for k in clusters])
     except (OSError, ValueError, RuntimeError):  # safetensors raises these on a damaged file
         raise UserError("cannot read the pseudo-label file", str(path), "re-create it with robustcl cluster") from None
-    if stacked.shape[1] != len(images) or metadata.get("images_sha256") != images_fingerprint(images):
+    if stacked.shape[1] != len(images) or metadata.get("images_sha256") != images.identity():
         raise UserError(
             f"pseudo-labels were computed on other images ({stacked.shape[1]} labels, {len(images)} images, or the "
             "same count in another order / resolution)",

@@ -110,6 +110,11 @@ class AugmentConfig(Section):
     jitter_p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter")
     grayscale_p: float = Field(0.2, ge=0, le=1, description="probability of converting to grayscale")
     weak_padding: int = Field(4, ge=0, description="weak view (AdvCL, DeACL): RandomCrop with this zero padding + flip")
+    crop_on: Literal["decoded", "original"] = Field(
+        "decoded",
+        description="decoded: RandomResizedCrop of the image decoded at data.resolution (the CIFAR recipes); original: "
+        "sampled on each image's own width × height and taken by the data workers (ImageNet; streams the data)",
+    )
 
     @field_validator("crop_scale", "crop_ratio")
     @classmethod
@@ -133,19 +138,50 @@ class DataConfig(Section):
     resolution: int = Field(
         32, gt=0, le=MAX_RESOLUTION, description="images are resized to resolution×resolution (at most 4096)"
     )
-    max_samples: int | None = Field(None, gt=0, description="use only the first N images of the split")
+    max_samples: int | None = Field(
+        None, gt=0, description="use a seeded random subset of N images of the split (the same N rows every run)"
+    )
+    loading: Literal["auto", "decoded", "streamed"] = Field(
+        "auto",
+        description="decoded: every image decoded once into memory; streamed: kept encoded, decoded per batch by "
+        "worker processes (memory flat in the dataset size); auto: decoded when it fits data.decoded_max_gb and memory",
+    )
+    decoded_max_gb: float = Field(
+        8.0, gt=0, description="auto decodes the split up front only when its decoded pixels take at most this (GB)"
+    )
+    workers: int | None = Field(
+        None, ge=0, le=256, description="decoding processes per training process when streamed (null: its CPU share)"
+    )
+    bad_images: Literal["stop", "skip"] = Field(
+        "stop",
+        description="an unreadable image: stop naming its row, or skip it (the next readable row stands in; counted)",
+    )
 
 
 class ModelConfig(Section):
-    """The ResNet encoder (CIFAR or ImageNet stem); normalisation lives inside the model."""
+    """The ResNet encoder (CIFAR or ImageNet stem; basic, bottleneck or wide pre-activation blocks); normalisation
+    lives inside the model."""
 
     # Bounded like the model's own config (limits and why: models/configuration_robustcl.py), so that a recipe
     # is refused by `recipe validate` and before `pretrain` writes anything, naming the key.
+    block: Literal["basic", "bottleneck", "wide_preact"] = Field(
+        "basic",
+        description="basic: two 3×3 convs (ResNet-18: block_layers [2,2,2,2]); bottleneck: 1×1-3×3-1×1, 4× output "
+        "channels, stride on the 3×3 (ResNet-50: block_layers [3,4,6,3], widths [64,128,256,512], stem imagenet → "
+        "2048 features; ResNet-101: [3,4,23,3]); wide_preact: pre-activation wide basic block as TRADES/AWP "
+        "(WRN-34-10: block_layers [5,5,5], widths [160,320,640], stem cifar; WRN-28-10: [4,4,4])",
+    )
     block_layers: list[Annotated[int, Field(ge=1, le=MAX_BLOCKS_PER_STAGE)]] = Field(
-        [2, 2, 2, 2], min_length=1, max_length=MAX_STAGES, description="basic blocks per stage (ResNet-18: 2,2,2,2)"
+        [2, 2, 2, 2], min_length=1, max_length=MAX_STAGES, description="blocks per stage (ResNet-18: 2,2,2,2)"
     )
     widths: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(
-        [64, 128, 256, 512], min_length=1, max_length=MAX_STAGES, description="channels per stage"
+        [64, 128, 256, 512],
+        min_length=1,
+        max_length=MAX_STAGES,
+        description="channels per stage (a bottleneck stage outputs 4× its width)",
+    )
+    stem_width: int | None = Field(
+        None, ge=1, le=MAX_WIDTH, description="stem conv channels (default widths[0]; 16 for wide_preact)"
     )
     stem: Literal["cifar", "imagenet"] = Field("cifar", description="cifar: 3×3 s1 conv; imagenet: 7×7 s2 + pool")
     stem_padding: int | None = Field(None, ge=0, description="stem conv padding (default 1 cifar, 3 imagenet)")
@@ -175,7 +211,15 @@ class ModelConfig(Section):
 
     def estimated_parameters(self, bn_branches: int = 1) -> int:
         """Values in the encoder's state dict (with ``bn_branches`` copies of every BatchNorm), without building it."""
-        return estimate_parameters(self.block_layers, self.widths, self.stem, len(self.image_mean), bn_branches)
+        return estimate_parameters(
+            self.block_layers,
+            self.widths,
+            self.stem,
+            len(self.image_mean),
+            bn_branches,
+            block=self.block,
+            stem_width=self.stem_width,
+        )
 
 
 class ACLOptions(Section):
@@ -343,11 +387,14 @@ class TrainingConfig(Section):
     channels_last: bool | None = Field(
         None, description="channels-last memory format for the convolutions; null: on for GPU, off for CPU"
     )
-    data_placement: Literal["auto", "device", "stream"] = Field(
+    data_placement: Literal["auto", "device", "host"] = Field(
         "auto",
-        description="device: the decoded uint8 dataset lives on the training device; stream: it stays in (pinned) "
-        "host memory and each batch is gathered and copied ahead in a background thread; auto: device when it "
-        "takes at most a quarter of the free device memory",
+        description="where decoded data (data.loading) lives. device: the uint8 dataset is on the training device; "
+        "host: it stays in host memory and each batch is gathered and copied ahead in a background thread; auto: "
+        "device when it takes at most a quarter of the free device memory",
+    )
+    dist_timeout_minutes: float = Field(
+        30, gt=0, le=1440, description="how long a process waits for the others in a collective before failing"
     )
     checkpoint_every: int = Field(1000, ge=0, description="checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = Field(2, gt=0, description="complete checkpoints kept in the run directory")
@@ -389,9 +436,16 @@ class EvalDataConfig(Section):
     resolution: int | None = Field(
         None, gt=0, le=MAX_RESOLUTION, description="image size (default: data.resolution; at most 4096)"
     )
-    max_train: int | None = Field(None, gt=0, description="use only the first N training images")
-    max_test: int | None = Field(None, gt=0, description="use only the first N test images")
+    max_train: int | None = Field(None, gt=0, description="use a seeded random subset of N training images")
+    max_test: int | None = Field(None, gt=0, description="use a seeded random subset of N test images")
     val_fraction: float = Field(0.1, gt=0, lt=1, description="share of the training split held out for model selection")
+    center_crop: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="images are resized to resolution / center_crop on the shorter side, then the centre cut "
+        "(ImageNet evaluation: 0.875, i.e. 256 → 224; 1: the whole shorter side)",
+    )
 
 
 class FinetuneConfig(Section):
@@ -553,9 +607,15 @@ _RecipeDumper.add_representer(list, _represent_list)
 
 
 # Keys that may change between a run and its resumption: the training length, settings that change speed but not
-# what a step computes (a run may move to another machine), what to do about a non-finite step (a run stopped by
-# one resumes with `skip`), and the evaluation and export settings.
+# what a step computes (a run may move to another machine; decoded and streamed data give the same pixels), what to
+# do about a non-finite step or an unreadable image (a run stopped by one resumes with `skip`), and the evaluation
+# and export settings.
 RESUMABLE_CHANGES = {
+    ("data", "loading"),
+    ("data", "decoded_max_gb"),
+    ("data", "workers"),
+    ("data", "bad_images"),
+    ("training", "dist_timeout_minutes"),
     ("training", "epochs"),
     ("training", "max_steps"),
     ("training", "compile"),

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -21,16 +22,25 @@ from tqdm.auto import tqdm
 
 from .collectives import check_replicas_identical, convert_sync_batchnorm
 from .data.batches import BatchPlan, EpochBatches, batch_random, plan_batches
-from .data.loading import load_pretraining_images
+from .data.images import ImageRows
+from .data.loading import OpenedSplit, open_pretraining_split, pretraining_images
 from .data.placement import ImageFeed, image_feed
+from .data.streamed import default_workers
 from .deepspeed_support import configure_deepspeed, deepspeed_requested, uses_deepspeed, zero_stage
-from .distributed import check_world_size, on_main_process, raise_on_every_process
+from .distributed import (
+    check_world_size,
+    node_main_first,
+    on_main_process,
+    processes_on_node,
+    raise_on_every_process,
+)
 from .errors import NonFiniteLoss, UserError
 from .export import export_run
 from .fingerprint import data_changes
 from .json_files import to_json, write_json
 from .locking import folder_lock
-from .methods import Method, TrainingRun, build_method
+from .methods import METHODS, Method, TrainingRun, build_method
+from .methods.views import original_crop_plan
 from .model_loading import check_model_size
 from .optim import build_optimizer, build_scheduler
 from .preemption import StopOnSignal, TrainingStopped
@@ -111,12 +121,15 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
     trackers = _installed_trackers(recipe.logging.trackers)
     options: dict[str, Any] = {}
+    # A dead or stuck process (a node lost, a full disk) then ends the others after this long instead of never.
+    group = {"timeout": timedelta(minutes=recipe.training.dist_timeout_minutes)}
     if deepspeed_requested():
         # Accelerate's CPU switch turns DeepSpeed off; on CPU DeepSpeed needs the gloo backend named instead.
         if on_cpu:
-            options["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+            group["backend"] = "gloo"
     else:
         options["cpu"] = on_cpu
+    options["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(recipe.training.precision, on_cpu),
         log_with=trackers or None,
@@ -151,8 +164,8 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
             f"output directory holds a run with a different recipe (differs in: {', '.join(diffs)})",
             str(run_dir / RECIPE_FILE),
             "use the run's own recipe (only the training length, training.compile / channels_last / "
-            "data_placement / nonfinite / max_skipped_steps and the eval / export sections may change) or a new "
-            "--output-dir",
+            "data_placement / nonfinite / max_skipped_steps / dist_timeout_minutes, data.loading / decoded_max_gb / "
+            "workers / bad_images and the eval / export sections may change) or a new --output-dir",
         )
 
 
@@ -266,6 +279,23 @@ def _check_data(run_dir: Path, fingerprint: dict[str, Any], allow_change: bool, 
     )
 
 
+def _open_data(
+    recipe: Recipe, run_dir: Path, allow_data_change: bool, accelerator: Accelerator
+) -> tuple[OpenedSplit, ImageRows]:
+    """The pretraining split, opened (each node's main process first: it prepares the datasets cache), checked
+    against the data the run started with, then decoded or left encoded for streaming (data.loading)."""
+    progress = accelerator.is_local_main_process and recipe.logging.progress_bar
+    originals = original_crop_plan(recipe, METHODS[recipe.method.name].original_crops) is not None
+    opened = node_main_first(accelerator, lambda: open_pretraining_split(recipe.data, progress))
+    # Before any decoding: a resume on other data is refused in seconds.
+    error = _check_data(run_dir, opened.fingerprint, allow_data_change, accelerator.is_main_process)
+    raise_on_every_process(accelerator, error)
+    images = pretraining_images(opened, recipe.data, processes_on_node(accelerator), progress, originals)
+    if opened.replaced_rows:
+        accelerator.print(f"robustcl: {_replaced(opened.replaced_rows)} (data.bad_images: skip)")
+    return opened, images
+
+
 def _start_session(
     recipe: Recipe,
     run_dir: Path,
@@ -276,16 +306,16 @@ def _start_session(
     held: ExitStack,
 ) -> Session:
     t, main = recipe.training, accelerator.is_main_process
-    data = load_pretraining_images(
-        recipe.data, progress=accelerator.is_local_main_process and recipe.logging.progress_bar
-    )
-    raise_on_every_process(accelerator, _check_data(run_dir, data.fingerprint, allow_data_change, main))
+    opened, images = _open_data(recipe, run_dir, allow_data_change, accelerator)
     batches = EpochBatches(
-        len(data.images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
+        len(images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
-    feed = image_feed(data.images, batches, accelerator.device, t.data_placement)
-    held.callback(feed.close)  # its prefetch thread, also when a later start-up check fails
+    workers = recipe.data.workers
+    workers = default_workers(processes_on_node(accelerator)) if workers is None else workers
+    crops = original_crop_plan(recipe, METHODS[recipe.method.name].original_crops)
+    feed = image_feed(images, batches, accelerator.device, t.data_placement, workers, total_steps, crops)
+    held.callback(feed.close)  # its prefetch thread or decoding workers, also when a later start-up check fails
 
     # Built on the host before it moves to the device.
     check_model_size(recipe.model, "model.widths, model.block_layers", "lower them, or use a machine with more memory")
@@ -295,7 +325,7 @@ def _start_session(
     # outside the weights (a DeACL student starts as its teacher; a restored checkpoint then overrides that).
     method.setup(
         TrainingRun(
-            run_dir, data.images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator, load_encoder
+            run_dir, images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator, load_encoder
         )
     )
     sync_bn = plan.processes > 1 and (t.sync_batchnorm if t.sync_batchnorm is not None else type(method).contrastive)
@@ -325,22 +355,33 @@ def _start_session(
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
         if allow_data_change or not (run_dir / DATA_FINGERPRINT_FILE).is_file():
-            write_json(run_dir / DATA_FINGERPRINT_FILE, data.fingerprint)
+            write_json(run_dir / DATA_FINGERPRINT_FILE, opened.fingerprint)
         drop_metrics_after(run_dir / METRICS_FILE, step)
     accelerator.wait_for_everyone()
     accelerator.print(
         f"robustcl: {plan.describe()}; peak lr {lr:g} (optimizer.lr_scaling {recipe.optimizer.lr_scaling}); "
-        f"SyncBN {'on' if sync_bn else 'off'}; data {'on the device' if feed.placement == 'device' else 'streamed'}"
+        f"SyncBN {'on' if sync_bn else 'off'}; data {_feed_description(feed)}"
         f"{'; ' + speed if speed else ''}"
     )
     if checkpoint is not None:
         accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
     compute["hardware"] = list(dict.fromkeys([*compute["hardware"], hardware_description(accelerator)]))
-    compute["dataset_images"] = len(data.images)
+    compute["dataset_images"] = len(images)
     return Session(
         recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, feed, total_steps, step,
         compute, sync_bn, skipped, checkpoint, held,
     )  # fmt: skip
+
+
+def _feed_description(feed: ImageFeed) -> str:
+    if feed.placement == "streamed":
+        return f"streamed (decoded per batch by {feed.workers or 'no'} worker process(es))"
+    return "decoded, on the device" if feed.placement == "device" else "decoded, in host memory"
+
+
+def _replaced(rows: list[int]) -> str:
+    shown = ", ".join(map(str, rows[:5])) + (", …" if len(rows) > 5 else "")
+    return f"{len(rows):,} unreadable image(s) replaced by the next readable row (rows {shown})"
 
 
 def drop_metrics_after(path: Path, step: int) -> None:
@@ -548,6 +589,9 @@ def train_loop(session: Session) -> tuple[dict[str, Any], float | None]:
                     "images_per_s": window_steps * t.batch_size / max(elapsed, 1e-9),
                     "skipped_steps": skipped,
                 }
+                if recipe.data.bad_images == "skip" and session.feed.placement == "streamed":
+                    replaced = torch.tensor(float(len(session.feed.replaced_rows)), device=accelerator.device)
+                    record["replaced_images"] = int(accelerator.reduce(replaced, "sum").item())
                 last_loss = reduced.get("loss", last_loss)
                 if accelerator.is_main_process:
                     with metrics_path.open("a") as f:

@@ -72,8 +72,11 @@ def _pretrain(run_dir, processes: int, *sets: str) -> subprocess.CompletedProces
                           timeout=600)  # fmt: skip
 
 
-def test_a_two_process_run_ends_with_the_weights_of_a_one_process_run(tmp_path):
-    one, two = _pretrain(tmp_path / "one", 1), _pretrain(tmp_path / "two", 2)
+@pytest.mark.parametrize("loading", ["decoded", "streamed"])
+def test_a_two_process_run_ends_with_the_weights_of_a_one_process_run(tmp_path, loading):
+    # The one-process run decodes its data once; the two processes stream theirs (or decode it too): same weights.
+    one = _pretrain(tmp_path / "one", 1, "data.loading=decoded")
+    two = _pretrain(tmp_path / "two", 2, f"data.loading={loading}", "data.workers=1")
     assert one.returncode == 0, one.stderr[-3000:]
     assert two.returncode == 0, two.stderr[-3000:]
     assert "2 process(es) × 16 images × 1 accumulation step(s)" in two.stdout and "SyncBN on" in two.stdout

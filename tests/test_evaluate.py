@@ -289,4 +289,6 @@ def test_two_processes_give_the_same_figures_as_one(tmp_path, tiny_export):
     assert two["num_processes"] == 2 and one["num_processes"] == 1
     for key in ("SA", "RA", "curve", "split_sizes"):
         assert one[key] == two[key], key
-    assert one["finetune"]["history"] == two["finetune"]["history"]
+    # The processes share the finetuning (each its rows, gradients summed): float reduction order may differ.
+    for a, b in zip(one["finetune"]["history"], two["finetune"]["history"], strict=True):
+        assert a["val_accuracy"] == b["val_accuracy"] and a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-6)

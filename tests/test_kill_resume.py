@@ -34,7 +34,8 @@ SETS = [
     "training.checkpoint_every=3",
     "training.keep_checkpoints=2",
 ]
-ARGS = ["pretrain", "recipes/quickstart.yaml", *with_sets(*SETS)]
+# The streamed data path (images decoded per batch by a worker process) resumes as exactly as the decoded one.
+ARGS = ["pretrain", "recipes/quickstart.yaml", *with_sets(*SETS, "data.loading=streamed", "data.workers=1")]
 
 
 def _start(run: Path) -> subprocess.Popen:

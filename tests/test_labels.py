@@ -244,10 +244,10 @@ def test_evaluating_on_sparse_integer_labels_is_one_line(
 
 
 def test_too_many_class_label_classes_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from robustcl.data import loading
+    from robustcl.data import labels
 
     # The bound lowered to 5: a real 100,001-name ClassLabel costs datasets seconds to write and read.
-    monkeypatch.setattr(loading, "MAX_CLASSES", 5, raising=False)  # raising=False: the test also runs before the fix
+    monkeypatch.setattr(labels, "MAX_CLASSES", 5)
     datasets.Dataset.from_dict(
         {"image": [_image("cat", 0)], "label": [0]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(num_classes=6)}),

@@ -24,6 +24,7 @@ from helpers import user_error
 from robustcl.data import builtin
 from robustcl.data.loading import (
     BUILTIN_DIGITS,
+    SUBSET_SEED,
     ImageData,
     check_dataset,
     detect_columns,
@@ -330,10 +331,29 @@ def test_empty_dataset_and_max_samples(tmp_path: Path) -> None:
     _small_labelled(6).save_to_disk(str(tmp_path / "six"))
     six = str(tmp_path / "six")
     assert "data.max_samples" in user_error(load_images, six, "train", resolution=8, max_samples=0)
-    first = load_images(str(tmp_path / "six"), "train", resolution=8, max_samples=4, progress=False)
-    full = load_images(str(tmp_path / "six"), "train", resolution=8, progress=False)
-    assert torch.equal(first.images, full.images[:4]) and first.labels.tolist() == [0, 1, 2, 0]
+    full = load_images(six, "train", resolution=8, progress=False)
     assert load_images(six, "train", resolution=8, max_samples=99, progress=False).images.shape[0] == 6
+    # max_samples: the same seeded random rows every time, kept in dataset order.
+    subsets = [load_images(six, "train", resolution=8, max_samples=4, progress=False) for _ in range(2)]
+    rows = [i for i in range(6) if any(torch.equal(full.images[i], im) for im in subsets[0].images)]
+    assert len(rows) == 4 and torch.equal(subsets[0].images, full.images[rows])
+    assert torch.equal(subsets[0].images, subsets[1].images)
+    assert subsets[0].labels.tolist() == full.labels[rows].tolist()
+
+
+def test_max_samples_draws_from_every_class(tmp_path: Path) -> None:
+    # An image folder is sorted by class: 100 rows of each of 10 classes. The first 100 rows would hold one class.
+    labels = [c for c in range(10) for _ in range(100)]
+    ds = datasets.Dataset.from_dict(
+        {"image": np.zeros((1000, 2, 2, 3), dtype=np.uint8).tolist(), "label": labels},
+        features=_features(image=datasets.Array3D((2, 2, 3), "uint8"), label=datasets.ClassLabel(num_classes=10)),
+    )
+    ds.save_to_disk(str(tmp_path / "sorted"))
+    subset = load_images(
+        str(tmp_path / "sorted"), "train", resolution=2, image_column="image", max_samples=100, progress=False
+    )
+    counts = subset.labels.bincount(minlength=10)
+    assert counts.min() >= 4, counts.tolist()  # a uniform draw: ~10 per class
 
 
 def test_unreadable_image_names_the_row(tmp_path: Path) -> None:
@@ -425,7 +445,8 @@ def test_cifar10_subset(monkeypatch: pytest.MonkeyPatch) -> None:
     assert data.labels.shape == (512,) and 0 <= int(data.labels.min()) and int(data.labels.max()) <= 9
     assert data.num_classes == 10 and data.class_names[0] == "airplane"
     assert (data.image_column, data.label_column) == ("img", "label")
-    table = pq.read_table(CIFAR / "plain_text" / "test-00000-of-00001.parquet").slice(0, 1).to_pylist()[0]
+    first_row = int(np.sort(np.random.default_rng(SUBSET_SEED).choice(10_000, 512, replace=False))[0])
+    table = pq.read_table(CIFAR / "plain_text" / "test-00000-of-00001.parquet").slice(first_row, 1).to_pylist()[0]
     first = np.array(PIL.Image.open(io.BytesIO(table["img"]["bytes"])).convert("RGB"))
     assert torch.equal(data.images[0], torch.from_numpy(first).permute(2, 0, 1))
     assert int(data.labels[0]) == table["label"]
@@ -478,8 +499,8 @@ def test_bad_values_in_columns(tmp_path: Path) -> None:
     assert "not images" in user_error(load_images, path, "train", resolution=4, image_column="floaty")
     assert "outside 0..255" in user_error(load_images, path, "train", resolution=4, image_column="wide")
     assert "(5, 5, 7)" in user_error(check_dataset, path, "train", image_column="odd")
-    first = load_images(path, "train", resolution=4, max_samples=1, progress=False)
-    assert first.images.shape == (1, 3, 4, 4)
+    # A subset's rows are named by their row in the split: max_samples=1 draws row 1 here.
+    assert "row 1 of column 'image' has no image" in user_error(load_images, path, "train", resolution=4, max_samples=1)
 
 
 def test_empty_parquet_split(tmp_path: Path) -> None:

@@ -98,6 +98,33 @@ def test_folder_lock_refuses_a_second_holder_and_frees_itself_when_the_holder_di
     assert not lock_path(folder).exists() and not folder.exists()
 
 
+def test_a_forked_child_of_a_killed_holder_does_not_keep_its_lock(tmp_path: Path) -> None:
+    # DataLoader workers are forked from the training process: a SIGKILLed trainer's workers live on for seconds.
+    folder = tmp_path / "run"
+    script = textwrap.dedent(
+        f"""
+        import os, time
+        from robustcl.locking import folder_lock
+        with folder_lock({str(folder)!r}, "pretrain", "wait"):
+            child = os.fork()
+            if child == 0:
+                time.sleep(600)
+                os._exit(0)
+            print(child, flush=True)
+            time.sleep(600)
+        """
+    )
+    holder = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    child = int(holder.stdout.readline())
+    try:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+        with folder_lock(folder, "pretrain", "wait"):  # the child still lives, without the lock
+            os.kill(child, 0)
+    finally:
+        os.kill(child, signal.SIGKILL)
+
+
 def test_the_same_process_cannot_hold_a_folder_twice(tmp_path: Path) -> None:
     with folder_lock(tmp_path / "out", "export", "wait"):
         with pytest.raises(FolderBusy, match="in this process"):

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from robustcl.data.frequency import high_frequency
+from robustcl.data.images import DecodedImages
 from robustcl.errors import UserError
 from robustcl.fingerprint import images_fingerprint
 from robustcl.losses import multi_positive_nt_xent, nt_xent
@@ -31,7 +32,7 @@ def _images(n=8, seed=0):
 
 
 def _run(tmp_path, images, steps_per_epoch=1, total_steps=1):
-    return TrainingRun(tmp_path, images, steps_per_epoch, total_steps, load_encoder=load_encoder)
+    return TrainingRun(tmp_path, DecodedImages(images), steps_per_epoch, total_steps, load_encoder=load_encoder)
 
 
 def test_registry_names_every_method_with_its_paper():
@@ -177,7 +178,7 @@ def _reference_weight(epoch1, total, every, slope=2 / 3):
 
 def test_dynacl_schedules_follow_the_authors_code():
     method = build_method(_recipe("dynacl"))
-    method.setup(TrainingRun(None, _images(), steps_per_epoch=10, total_steps=10_000))  # 1000 epochs
+    method.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))  # 1000 epochs
     for epoch in [0, 1, 48, 49, 50, 51, 99, 100, 500, 949, 950, 999]:
         for step in (epoch * 10, epoch * 10 + 9):
             assert math.isclose(method.strength(step), _reference_strength(epoch + 1, 1000, 50)), epoch
@@ -188,7 +189,7 @@ def test_dynacl_schedules_follow_the_authors_code():
 def test_dynacl_momentum_encoder_is_an_ema_of_the_online_one_and_not_trained():
     torch.manual_seed(0)
     method = build_method(_recipe("dynacl", *NO_ATTACK)).train()
-    method.setup(TrainingRun(None, _images(), steps_per_epoch=10, total_steps=100))
+    method.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=100))
     with torch.no_grad():
         for p in method.encoder.parameters():
             p.add_(torch.randn_like(p))
@@ -208,9 +209,9 @@ def test_dynacl_momentum_encoder_is_an_ema_of_the_online_one_and_not_trained():
 def test_dynacl_without_momentum_starts_as_acl_ds():
     torch.manual_seed(0)
     dyn = build_method(_recipe("dynacl", "method.dynacl.momentum=null", "attack.steps=2")).train()
-    dyn.setup(TrainingRun(None, _images(), steps_per_epoch=10, total_steps=10_000))
+    dyn.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
     acl = build_method(load_recipe("recipes/acl.yaml", [*SMALL, "attack.steps=2"])).train()
-    acl.setup(TrainingRun(None, _images(), steps_per_epoch=10, total_steps=10_000))
+    acl.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
     acl.load_state_dict(dyn.state_dict())
     images = _images()
     loss_dyn, _ = dyn(images, torch.Generator().manual_seed(1), torch.arange(8), 0)  # strength 1, weight 1

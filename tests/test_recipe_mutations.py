@@ -383,7 +383,7 @@ STEP_KEYS: dict[str, st.SearchStrategy[Any]] = {
     "training.seed": st.sampled_from([-1, 0, 7, 2**32, 2**64]),
     "training.precision": st.sampled_from(["auto", "fp32", "bf16", "fp16"]),
     "training.channels_last": st.sampled_from([None, False, True]),
-    "training.data_placement": st.sampled_from(["auto", "device", "stream"]),
+    "training.data_placement": st.sampled_from(["auto", "device", "host"]),
     "training.nonfinite": st.sampled_from(["stop", "skip"]),
 }
 METHOD_KEYS: dict[str, dict[str, st.SearchStrategy[Any]]] = {

@@ -15,7 +15,8 @@ import torch
 from helpers import REPO, cli_env
 
 from robustcl.data.batches import EpochBatches, batch_random
-from robustcl.data.placement import DeviceImages, StreamedImages, choose_placement, image_feed
+from robustcl.data.images import DecodedImages
+from robustcl.data.placement import DeviceImages, HostImages, choose_placement, image_feed
 from robustcl.methods import build_method
 from robustcl.recipe import TrainingConfig, load_recipe
 from robustcl.step_profile import count_flops, record_model_passes, replay_passes
@@ -40,7 +41,7 @@ def test_streamed_batches_equal_device_batches_in_order_and_after_a_jump() -> No
     images = torch.randint(0, 256, (50, 3, 4, 4), dtype=torch.uint8)
     batches = EpochBatches(50, 8, seed=3, grad_accum=2)
     device_feed = DeviceImages(images, batches, CPU)
-    streamed = StreamedImages(images, batches, CPU)
+    streamed = HostImages(images, batches, CPU)
     # Training order, a jump (resume at another step), then training order again; crosses epoch boundaries.
     order = [(s, m) for s in range(4) for m in range(2)] + [(11, 1), (12, 0), (12, 1), (13, 0)]
     try:
@@ -57,10 +58,11 @@ def test_streamed_batches_equal_device_batches_in_order_and_after_a_jump() -> No
 
 def test_placement_auto_keeps_the_data_on_a_cpu_device_and_honours_explicit_choices() -> None:
     assert choose_placement("auto", 10**12, CPU) == "device"  # host memory is the CPU's device memory
-    assert choose_placement("stream", 1, CPU) == "stream"
+    assert choose_placement("host", 1, CPU) == "host"
     assert choose_placement("device", 10**12, CPU) == "device"
     batches = EpochBatches(10, 2, 0, 1, 0, 1)
-    assert isinstance(image_feed(torch.zeros(10, 3, 2, 2, dtype=torch.uint8), batches, CPU, "stream"), StreamedImages)
+    images = DecodedImages(torch.zeros(10, 3, 2, 2, dtype=torch.uint8))
+    assert isinstance(image_feed(images, batches, CPU, "host", workers=0, total_steps=5), HostImages)
 
 
 @pytest.mark.parametrize("name", ["acl", "dynacl"])

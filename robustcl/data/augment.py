@@ -45,6 +45,7 @@ from robustcl.data.color import (
 )
 
 __all__ = [
+    "CroppedViews",
     "SimCLRAugment",
     "SimCLRAugmentParams",
     "WeakAugment",
@@ -176,23 +177,46 @@ def sample_resized_crop_boxes(
     u_ratio = _rand((n, _CROP_ATTEMPTS), generator, device)
     u_top = _rand(n, generator, device)
     u_left = _rand(n, generator, device)
+    sizes = torch.tensor([height, width], device=device).expand(n, 2)
+    # One size for all: the fallback is known on the host (no device sync to find the distinct sizes).
+    fallback = torch.tensor(_fallback_crop_size(height, width, ratio), device=device).expand(n, 2)
+    return crop_boxes_from_uniforms(u_area, u_ratio, u_top, u_left, sizes, scale, ratio, fallback)
 
-    area = float(height * width)
+
+def crop_boxes_from_uniforms(
+    u_area: Tensor,
+    u_ratio: Tensor,
+    u_top: Tensor,
+    u_left: Tensor,
+    sizes: Tensor,
+    scale: Sequence[float],
+    ratio: Sequence[float],
+    fallback: Tensor | None = None,
+) -> Tensor:
+    """torchvision's ``RandomResizedCrop.get_params`` for images of per-sample ``sizes`` (int ``[n, 2]``: height,
+    width), from the uniforms :func:`sample_resized_crop_boxes` draws: ``[n, 10]`` area fractions, ``[n, 10]``
+    log-ratios, ``[n]`` top, ``[n]`` left. ``fallback`` (int ``[n, 2]``), when known, is each image's crop when no
+    attempt fits (:func:`_fallback_crop_size`). Returns int64 ``[n, 4]`` (top, left, h, w)."""
+    device = u_area.device
+    height, width = sizes[:, 0].to(device), sizes[:, 1].to(device)
+    area = (height * width).to(torch.float32)[:, None]
     log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
     target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
     aspect = torch.exp(log_lo + (log_hi - log_lo) * u_ratio)
     # torch.round is round-half-to-even, the same as Python's round() used by torchvision
     w_try = torch.round(torch.sqrt(target_area * aspect))
     h_try = torch.round(torch.sqrt(target_area / aspect))
-    fits = (w_try > 0) & (w_try <= width) & (h_try > 0) & (h_try <= height)
-    attempt = torch.arange(_CROP_ATTEMPTS, device=device).expand(n, -1)
+    fits = (w_try > 0) & (w_try <= width[:, None]) & (h_try > 0) & (h_try <= height[:, None])
+    attempt = torch.arange(_CROP_ATTEMPTS, device=device).expand(len(u_area), -1)
     first = torch.where(fits, attempt, _CROP_ATTEMPTS).min(dim=1, keepdim=True).values
     accepted = first.squeeze(1) < _CROP_ATTEMPTS
     first = first.clamp(max=_CROP_ATTEMPTS - 1)
     h_acc = h_try.gather(1, first).squeeze(1).long()
     w_acc = w_try.gather(1, first).squeeze(1).long()
 
-    fb_h, fb_w = _fallback_crop_size(height, width, ratio)
+    if fallback is None:
+        fallback = _fallback_crop_sizes(sizes, ratio).to(device)
+    fb_h, fb_w = fallback[:, 0], fallback[:, 1]
     h = torch.where(accepted, h_acc, fb_h)
     w = torch.where(accepted, w_acc, fb_w)
     # randint(0, H - h + 1) via one uniform per sample; clamp guards float rounding up to the bound
@@ -201,6 +225,14 @@ def sample_resized_crop_boxes(
     top = torch.where(accepted, top_rand, (height - h) // 2)
     left = torch.where(accepted, left_rand, (width - w) // 2)
     return torch.stack([top, left, h, w], dim=1)
+
+
+def _fallback_crop_sizes(sizes: Tensor, ratio: Sequence[float]) -> Tensor:
+    """:func:`_fallback_crop_size` of each (height, width) row of ``sizes``: the same Python arithmetic, once per
+    distinct size."""
+    distinct, inverse = sizes.cpu().unique(dim=0, return_inverse=True)
+    fallbacks = torch.tensor([_fallback_crop_size(int(h), int(w), ratio) for h, w in distinct.tolist()])
+    return fallbacks[inverse]
 
 
 def _fallback_crop_size(height: int, width: int, ratio: Sequence[float]) -> tuple[int, int]:
@@ -308,6 +340,29 @@ def resized_crop(
 # pipelines
 
 
+class CroppedViews:
+    """Crops the data workers took from the original images (``augment.crop_on: original``): uint8
+    ``[views, N, C, R, R]``. Each :class:`SimCLRAugment` call takes the next view and applies the rest of its
+    pipeline (flip, colour jitter, grayscale) on the device."""
+
+    def __init__(self, crops: Tensor) -> None:
+        self.crops = crops
+        self.taken = 0
+
+    @property
+    def device(self) -> torch.device:
+        return self.crops.device
+
+    def __len__(self) -> int:
+        return self.crops.shape[1]
+
+    def next(self) -> Tensor:
+        if self.taken == len(self.crops):
+            raise RuntimeError(f"the method asked for more than the {len(self.crops)} views the data workers cropped")
+        self.taken += 1
+        return self.crops[self.taken - 1]
+
+
 class SimCLRAugment:
     """RandomResizedCrop -> HorizontalFlip -> RandomApply(ColorJitter) -> RandomGrayscale, per sample.
 
@@ -323,13 +378,16 @@ class SimCLRAugment:
     def __repr__(self) -> str:
         return f"SimCLRAugment({self.params})"
 
-    def __call__(self, images: Tensor, generator: RandomSource) -> Tensor:
+    def __call__(self, images: Tensor | CroppedViews, generator: RandomSource) -> Tensor:
         """images: uint8 [N,C,H,W] (or float in [0,1]) on any device -> float32 [N,3,size,size] in [0,1].
 
-        ``generator`` must live on the images' device (ValueError otherwise).
+        ``generator`` must live on the images' device (ValueError otherwise). With :class:`CroppedViews` the crop
+        was taken from the original image already: the next view is used as it is (its crop draws are still made,
+        so every later draw stays where it was).
         """
         p = self.params
-        x = _to_float_rgb(images)
+        cropped = isinstance(images, CroppedViews)
+        x = _to_float_rgb(images.next() if cropped else images)
         device = x.device
         _check_generator(generator, device)
         n, _, height, width = x.shape
@@ -340,7 +398,10 @@ class SimCLRAugment:
         order, factors = _sample_jitter(n, self._jitter_ranges, generator, device)
         gray = _rand(n, generator, device) < p.grayscale_p
 
-        x = resized_crop(x, boxes, p.size, p.interpolation, flip)
+        if cropped:
+            x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
+        else:
+            x = resized_crop(x, boxes, p.size, p.interpolation, flip)
         if p.jitter_p > 0:
             x = _apply_jitter(x, order, factors, self._jitter_ranges, jitter_apply)
         if p.grayscale_p > 0:

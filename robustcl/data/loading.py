@@ -11,7 +11,7 @@ Opening the split (Hub id, local folder, save_to_disk folder, image folder, sing
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import datasets
@@ -20,11 +20,13 @@ import torch
 from tqdm.auto import tqdm
 
 from robustcl.data.builtin import BUILTIN_DIGITS
-from robustcl.data.decode import _decode_array_column, _decode_image_column
+from robustcl.data.decode import ColumnDecoder
+from robustcl.data.images import DecodedImages, EncodedImages, ImageRows
+from robustcl.data.labels import MAX_CLASSES, read_labels
 from robustcl.data.sources import _datasets_progress, _source, open_split
 from robustcl.errors import UserError
 from robustcl.fingerprint import dataset_fingerprint
-from robustcl.memory import check_fits_in_memory
+from robustcl.memory import USABLE_SHARE, available_memory, check_fits_in_memory
 
 if TYPE_CHECKING:
     from robustcl.recipe import DataConfig
@@ -32,21 +34,20 @@ if TYPE_CHECKING:
 __all__ = [
     "BUILTIN_DIGITS",
     "MAX_CLASSES",
+    "SUBSET_SEED",
     "ImageData",
     "check_dataset",
     "detect_columns",
     "load_images",
-    "load_pretraining_images",
+    "choose_loading",
+    "open_images",
+    "open_pretraining_split",
+    "pretraining_images",
     "open_split",
 ]
 
 # Below this many rows a bar would flash by and only clutter the log.
 _PROGRESS_MIN_ROWS = 5000
-
-# Most classes a label column may define. A head has one output per class, so label ids that were never renumbered
-# (1e12, or 3 distinct values up to 3,000,000) would build a head of gigabytes; ImageNet-21k, the largest common
-# label set, has 21,841 classes.
-MAX_CLASSES = 100_000
 
 
 @dataclass
@@ -184,131 +185,6 @@ def detect_columns(
     return image, (class_labels[0] if class_labels else None)
 
 
-# -------------------------------------------------------------------------------------------- labels
-
-
-def _shown_names(names: list[str], limit: int = 10) -> str:
-    """Class names as a one-line message lists them: quoted (control characters escaped), the first ``limit``."""
-    shown = ", ".join(repr(n) if len(n) <= 40 else repr(n[:39]) + "…" for n in names[:limit])
-    return shown + (f", … ({len(names):,} in all)" if len(names) > limit else "")
-
-
-def _check_class_count(num_classes: int, what: str, key: str, fix: str) -> None:
-    if num_classes > MAX_CLASSES:
-        raise UserError(f"{what}, more than the {MAX_CLASSES:,} classes robustcl allows", key, fix)
-
-
-def _string_labels(array: Any) -> tuple[np.ndarray, int, list[str]]:
-    # Free-text labels get the ids of their sorted names, the same rule imagefolder uses for folders.
-    values = array.to_pylist()
-    names = sorted(set(values))
-    index = {n: i for i, n in enumerate(names)}
-    return np.array([index[v] for v in values], dtype=np.int64), len(names), names
-
-
-def _integer_labels(
-    array: Any, feature: Any, column: str, key: str, key_prefix: str
-) -> tuple[np.ndarray, int, list[str] | None]:
-    """ClassLabel ids or plain integers, range-checked in their own signedness (a uint64 2**64-1 read as int64 would
-    show as -1) and before anything is sized by them."""
-    values = np.asarray(array.to_numpy(zero_copy_only=False))
-    values = values.astype(np.uint64 if values.dtype.kind == "u" else np.int64, copy=False)
-    class_label = isinstance(feature, datasets.ClassLabel)
-    bad = (values < 0) | (values >= feature.num_classes) if class_label else values < 0
-    bad = np.flatnonzero(bad)
-    if bad.size:
-        row, value = int(bad[0]), int(values[bad[0]])
-        what = f"label {value} in row {row} of column '{column}' is " + (
-            f"outside 0..{feature.num_classes - 1}" if class_label else "negative"
-        )
-        if value == -1:
-            what += " (-1 marks a missing label)"
-        if bad.size > 1:
-            what += f"; {bad.size} bad rows in all"
-        raise UserError(
-            what, key, f"fix the labels, or set {key_prefix}.label_column to the column that holds the class ids"
-        )
-    if class_label:
-        _check_class_count(
-            feature.num_classes,
-            f"ClassLabel column '{column}' has {feature.num_classes:,} classes",
-            key,
-            "use a label column with fewer classes",
-        )
-        return values.astype(np.int64), feature.num_classes, list(feature.names)
-    row = int(values.argmax())
-    top = int(values[row])
-    _check_class_count(
-        top + 1,
-        f"label {top} in row {row} of column '{column}' would make {top + 1:,} classes "
-        f"({np.unique(values).size:,} distinct labels)",
-        key,
-        f"renumber the labels 0..K-1, or make {key_prefix}.label_column a ClassLabel or string column",
-    )
-    return values.astype(np.int64), top + 1, None
-
-
-def _renumber(
-    ids: np.ndarray, names: list[str] | None, num_classes: int, reference: ImageData, column: str, where: str, key: str
-) -> tuple[np.ndarray, int, list[str] | None]:
-    """Labels numbered by ``reference``'s class names (its ids are the ones a head trained on it predicts); bare
-    integers in both splits are matched by value."""
-    if (names is None) != (reference.class_names is None):
-        named, bare = (where, reference.source) if names is not None else (reference.source, where)
-        raise UserError(
-            f"{named} has class names but {bare} only bare integer labels: their classes cannot be matched",
-            key,
-            "give both splits the same kind of label column: ClassLabel or string names in both, or integers in both",
-        )
-    if names is None:
-        return ids, num_classes, None
-    index = {name: i for i, name in enumerate(reference.class_names)}
-    mapped = np.array([index.get(name, -1) for name in names], dtype=np.int64)[ids]
-    unknown = np.flatnonzero(mapped < 0)
-    if unknown.size:
-        row = int(unknown[0])
-        what = (
-            f"class {_shown_names([names[ids[row]]])} in row {row} of column '{column}' is not among the "
-            f"{len(index):,} classes of {reference.source} ({_shown_names(reference.class_names)})"
-        )
-        raise UserError(
-            what + (f"; {unknown.size:,} such rows in all" if unknown.size > 1 else ""),
-            key,
-            f"use a split whose classes all occur in {reference.source}, or remove those rows",
-        )
-    return mapped, len(reference.class_names), list(reference.class_names)
-
-
-def _read_labels(
-    ds: datasets.Dataset, column: str, where: str, key_prefix: str, classes_from: ImageData | None = None
-) -> tuple[torch.Tensor, int, list[str] | None]:
-    """The label column as int64 ids, the number of classes and the class names (None for bare integers); with
-    ``classes_from``, numbered as that split numbers its classes (see :func:`load_images`)."""
-    feature = ds.features[column]
-    array = ds.select_columns([column]).with_format("arrow")[:].column(column)
-    key = f"{where}, {key_prefix}.label_column: {column}"
-    if array.null_count:
-        first = next(i for i, v in enumerate(array.is_null().to_pylist()) if v)
-        raise UserError(
-            f"{array.null_count} rows of label column '{column}' are empty (first: row {first})",
-            key,
-            f"fill in the labels, or set {key_prefix}.label_column to a complete column",
-        )
-    if isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string"):
-        ids, num_classes, names = _string_labels(array)
-        _check_class_count(
-            num_classes,
-            f"column '{column}' has {num_classes:,} distinct labels",
-            key,
-            "use a column with fewer classes",
-        )
-    else:
-        ids, num_classes, names = _integer_labels(array, feature, column, key, key_prefix)
-    if classes_from is not None:
-        ids, num_classes, names = _renumber(ids, names, num_classes, classes_from, column, where, key)
-    return torch.from_numpy(ids), num_classes, names
-
-
 def _check_resolution(resolution: int) -> None:
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
         raise UserError(
@@ -327,21 +203,28 @@ def _require_rows(ds: datasets.Dataset, source: str, key_prefix: str) -> None:
         )
 
 
-def _decoder_for(ds: datasets.Dataset, image: str):
-    """Image features decode through PIL; pixel-array columns are copied (and range-checked) as they are."""
-    return _decode_image_column if isinstance(ds.features[image], datasets.Image) else _decode_array_column
+# Rows max_samples draws from: fixed, so a recipe's subset is a property of its data section (the same rows for
+# every run, every resume and the pseudo-labels computed for it), not of the training seed.
+SUBSET_SEED = 0
 
 
-def _first_rows(ds: datasets.Dataset, max_samples: int | None, max_samples_key: str) -> datasets.Dataset:
+def _subset(
+    ds: datasets.Dataset, max_samples: int | None, max_samples_key: str
+) -> tuple[datasets.Dataset, np.ndarray | None]:
+    """A seeded random subset of ``max_samples`` rows, kept in dataset order: an image folder is sorted by class,
+    so its first rows would hold only the first classes."""
     if max_samples is None:
-        return ds
+        return ds, None
     if isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1:
         raise UserError(
             f"max_samples must be a positive integer, got {max_samples!r}",
             max_samples_key,
             f"set {max_samples_key} to a number of rows, or remove it to use all",
         )
-    return ds.select(range(max_samples)) if max_samples < len(ds) else ds
+    if max_samples >= len(ds):
+        return ds, None
+    rows = np.sort(np.random.default_rng(SUBSET_SEED).choice(len(ds), size=max_samples, replace=False))
+    return ds.select(rows), rows
 
 
 def _check_decoded_size(n: int, resolution: int, source: str, resolution_key: str, max_samples_key: str) -> None:
@@ -354,7 +237,52 @@ def _check_decoded_size(n: int, resolution: int, source: str, resolution_key: st
     )
 
 
-def load_images(
+@dataclass
+class OpenedSplit:
+    """A split opened, its columns detected and its rows chosen, nothing decoded yet."""
+
+    ds: datasets.Dataset
+    image_column: str
+    label_column: str | None
+    source: str
+    resolution: int
+    key_prefix: str
+    max_samples_key: str
+    fingerprint: dict[str, Any]  # what identifies the split cheaply (fingerprint.dataset_fingerprint)
+    center_crop: float = 1.0  # share of the shorter side kept by the centre crop (ImageNet evaluation: 0.875)
+    source_rows: np.ndarray | None = None  # the split's row numbers of a max_samples subset's rows
+    replaced_rows: list[int] = field(default_factory=list)  # unreadable rows decode() replaced (bad_images: skip)
+
+    def decoded_bytes(self) -> int:
+        return len(self.ds) * self.resolution * self.resolution * 3
+
+    def decoder(self) -> ColumnDecoder:
+        column, where = self.image_column, self.source
+        return ColumnDecoder(
+            self.ds, column, self.resolution, where, self.key_prefix, self.center_crop, self.source_rows
+        )
+
+    def decode(self, progress: bool = True, skip_bad: bool = False) -> torch.Tensor:
+        """Every image, decoded once to uint8 ``[N, 3, R, R]``; ``skip_bad`` replaces an unreadable image by the
+        next readable row (counted in ``replaced_rows``)."""
+        n, r = len(self.ds), self.resolution
+        _check_decoded_size(n, r, self.source, f"{self.key_prefix}.resolution", self.max_samples_key)
+        out = np.empty((n, r, r, 3), dtype=np.uint8)
+        show = progress and n > _PROGRESS_MIN_ROWS
+        bar = tqdm(total=n, desc=f"decoding {self.source}", unit="img", dynamic_ncols=True) if show else None
+        try:
+            self.replaced_rows = self.decoder().decode_into(out, bar, skip_bad)
+        finally:
+            if bar is not None:
+                bar.close()
+        return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+    def encoded(self, skip_bad: bool = False) -> EncodedImages:
+        """The images left encoded, decoded per batch where they are used."""
+        return EncodedImages(self.decoder(), self.fingerprint, skip_bad)
+
+
+def open_images(
     path: str,
     split: str,
     *,
@@ -366,54 +294,52 @@ def load_images(
     progress: bool = True,
     key_prefix: str = "data",
     max_samples_key: str | None = None,
-    classes_from: ImageData | None = None,
-) -> ImageData:
-    """Open a split, detect its columns and decode every image once to uint8 ``[N, 3, R, R]``.
-
-    Non-RGB images are converted to RGB; images of another size are resized (bicubic, shorter side to
-    R, centre crop). ``max_samples`` keeps the first rows (``max_samples_key`` names its recipe key, by default
-    ``<key_prefix>.max_samples``). ``classes_from``, a labelled split loaded before (e.g. the training split of a
-    test split), numbers the labels as it does: class names (string or ClassLabel) by its names, refusing a class
-    it lacks; bare integers by value. Class names on one side and bare integers on the other are refused.
-    """
+    center_crop: float = 1.0,
+) -> OpenedSplit:
+    """Open a split, detect its columns and choose its rows (see :func:`load_images`), without decoding.
+    ``center_crop`` < 1 resizes the shorter side to R / center_crop before the centre R × R is cut."""
     _check_resolution(resolution)
     max_samples_key = max_samples_key or f"{key_prefix}.max_samples"
     source = _source(path, split, name)
     with _datasets_progress(progress):
         ds = open_split(path, split, name, key_prefix=key_prefix)
     image, label = detect_columns(ds, image_column, label_column, source, key_prefix=key_prefix)
-    ds = _first_rows(ds, max_samples, max_samples_key)
+    ds, source_rows = _subset(ds, max_samples, max_samples_key)
     _require_rows(ds, source, key_prefix)
-    n = len(ds)
-    _check_decoded_size(n, resolution, source, f"{key_prefix}.resolution", max_samples_key)
-
-    labels = num_classes = class_names = None
-    if label is not None:
-        # Labels first: a bad label should fail in a second, not after minutes of decoding.
-        labels, num_classes, class_names = _read_labels(ds, label, source, key_prefix, classes_from)
-
-    out = np.empty((n, resolution, resolution, 3), dtype=np.uint8)
-    bar = (
-        tqdm(total=n, desc=f"decoding {source}", unit="img", dynamic_ncols=True)
-        if progress and n > _PROGRESS_MIN_ROWS
-        else None
+    fingerprint = dataset_fingerprint(ds, image, label)
+    return OpenedSplit(
+        ds, image, label, source, resolution, key_prefix, max_samples_key, fingerprint, center_crop, source_rows
     )
-    try:
-        _decoder_for(ds, image)(ds, image, resolution, out, bar, source, key_prefix)
-    finally:
-        if bar is not None:
-            bar.close()
 
-    images = torch.from_numpy(out).permute(0, 3, 1, 2).contiguous()
+
+def load_images(path: str, split: str, *, classes_from: ImageData | None = None, **options: Any) -> ImageData:
+    """Open a split, detect its columns and decode every image once to uint8 ``[N, 3, R, R]``; ``options`` are
+    :func:`open_images`'s (``resolution`` is required).
+
+    Non-RGB images are converted to RGB; images of another size are resized (bicubic, shorter side to
+    R, centre crop). ``max_samples`` keeps a seeded random subset of that many rows, in dataset order
+    (``max_samples_key`` names its recipe key, by default ``<key_prefix>.max_samples``). ``classes_from``, a
+    labelled split loaded before (e.g. the training split of a test split), numbers the labels as it does: class
+    names (string or ClassLabel) by its names, refusing a class it lacks; bare integers by value. Class names on
+    one side and bare integers on the other are refused.
+    """
+    opened = open_images(path, split, **options)
+    key_prefix, progress = opened.key_prefix, options.get("progress", True)
+    labels = num_classes = class_names = None
+    if opened.label_column is not None:
+        # Labels first: a bad label should fail in a second, not after minutes of decoding.
+        labels, num_classes, class_names = read_labels(
+            opened.ds, opened.label_column, opened.source, key_prefix, classes_from
+        )
     return ImageData(
-        images=images,
+        images=opened.decode(progress),
         labels=labels,
         num_classes=num_classes,
         class_names=class_names,
-        image_column=image,
-        label_column=label,
-        source=source,
-        fingerprint=dataset_fingerprint(ds, image, label),
+        image_column=opened.image_column,
+        label_column=opened.label_column,
+        source=opened.source,
+        fingerprint=opened.fingerprint,
     )
 
 
@@ -432,24 +358,43 @@ def check_dataset(
     ds = open_split(path, split, name, key_prefix=key_prefix)
     image, label = detect_columns(ds, image_column, label_column, source, key_prefix=key_prefix)
     _require_rows(ds, source, key_prefix)
-    probe = np.empty((1, 8, 8, 3), dtype=np.uint8)
-    first = ds.select(range(1))
-    _decoder_for(ds, image)(first, image, 8, probe, None, source, key_prefix)
+    ColumnDecoder(ds, image, 8, source, key_prefix).decode_rows([0])
     if label is not None:
-        _read_labels(ds, label, source, key_prefix)
+        read_labels(ds, label, source, key_prefix)
     return image, label
 
 
-def load_pretraining_images(data: DataConfig, progress: bool = True) -> ImageData:
-    """A recipe's pretraining split (its ``data`` section), decoded as ``robustcl pretrain`` trains on it; AdvCL's
-    pseudo-labels are computed on exactly these images."""
-    return load_images(
-        data.path,
-        data.split,
-        resolution=data.resolution,
-        name=data.name,
-        image_column=data.image_column,
-        label_column=data.label_column,
-        max_samples=data.max_samples,
-        progress=progress,
-    )
+def open_pretraining_split(data: DataConfig, progress: bool = True) -> OpenedSplit:
+    """A recipe's pretraining split (its ``data`` section) opened and its rows chosen, nothing decoded: what
+    ``robustcl pretrain`` trains on, and AdvCL's pseudo-labels are computed on."""
+    return open_images(
+        data.path, data.split, resolution=data.resolution, name=data.name, image_column=data.image_column,
+        label_column=data.label_column, max_samples=data.max_samples, progress=progress,
+    )  # fmt: skip
+
+
+def choose_loading(data: DataConfig, decoded_bytes: int, processes_on_node: int, originals: bool = False) -> str:
+    """``data.loading`` resolved: ``auto`` decodes up front when the decoded pixels fit ``data.decoded_max_gb`` and,
+    held twice while they are reordered by every process of this node, the available memory; else it streams.
+    ``originals`` (crops taken from the original images) always streams."""
+    if data.loading != "auto":
+        return data.loading
+    if originals:
+        return "streamed"
+    if decoded_bytes > data.decoded_max_gb * 1e9:
+        return "streamed"
+    available = available_memory()
+    if available is not None and 2 * decoded_bytes * processes_on_node > USABLE_SHARE * available:
+        return "streamed"
+    return "decoded"
+
+
+def pretraining_images(
+    opened: OpenedSplit, data: DataConfig, processes_on_node: int = 1, progress: bool = True, originals: bool = False
+) -> ImageRows:
+    """The split's pixels as the recipe loads them: decoded once, or left encoded for the streamed path (always
+    with ``originals``: crops taken from the original images)."""
+    skip_bad = data.bad_images == "skip"
+    if choose_loading(data, opened.decoded_bytes(), processes_on_node, originals) == "streamed":
+        return opened.encoded(skip_bad)
+    return DecodedImages(opened.decode(progress, skip_bad))

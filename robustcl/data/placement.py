@@ -1,7 +1,7 @@
 """Where the decoded pretraining images live while training, and how each micro-batch reaches the device.
 
 ``device``: the whole uint8 dataset sits on the training device (CIFAR-10: 150 MB) and a batch is one
-``index_select`` there — no host work, no copies per step. ``stream``: for datasets that do not fit, the images stay
+``index_select`` there — no host work, no copies per step. ``host``: for datasets that do not fit, the images stay
 in host memory; a background thread gathers the next micro-batch into pinned memory and starts its copy on a side
 CUDA stream while the current step computes, so the step finds its batch already on the device.
 """
@@ -14,8 +14,11 @@ from typing import Literal
 import torch
 
 from .batches import EpochBatches
+from .crops import CropPlan
+from .images import EncodedImages, ImageRows
+from .streamed import DecodingFeed
 
-Placement = Literal["device", "stream"]
+Placement = Literal["device", "host"]
 
 # The dataset may take this share of the free device memory and still leave room for activations.
 DEVICE_SHARE = 4
@@ -24,12 +27,12 @@ DEVICE_SHARE = 4
 def choose_placement(requested: str, nbytes: int, device: torch.device) -> Placement:
     """The recipe's ``training.data_placement`` resolved for this device: ``auto`` keeps the dataset on a GPU when it
     takes at most a quarter of the free memory; on a CPU the host memory is the device memory."""
-    if requested in ("device", "stream"):
+    if requested in ("device", "host"):
         return requested  # type: ignore[return-value]
     if device.type != "cuda":
         return "device"
     free, _ = torch.cuda.mem_get_info(device)
-    return "device" if nbytes * DEVICE_SHARE <= free else "stream"
+    return "device" if nbytes * DEVICE_SHARE <= free else "host"
 
 
 class DeviceImages:
@@ -57,14 +60,14 @@ class DeviceImages:
         pass
 
 
-class StreamedImages:
+class HostImages:
     """Images in host memory; micro-batch k+1 is gathered and copied to the device while step k computes.
 
     Requests normally come in training order ((step, 0), (step, 1), …, (step + 1, 0)); any other request (the first
     one, a resume) is served synchronously and the prefetching restarts from there.
     """
 
-    placement: Placement = "stream"
+    placement: Placement = "host"
 
     def __init__(self, images: torch.Tensor, batches: EpochBatches, device: torch.device) -> None:
         self.images = images.contiguous()
@@ -114,11 +117,24 @@ class StreamedImages:
         self.pending = None
 
 
-ImageFeed = DeviceImages | StreamedImages
+ImageFeed = DeviceImages | HostImages | DecodingFeed
 
 
-def image_feed(images: torch.Tensor, batches: EpochBatches, device: torch.device, requested: str) -> ImageFeed:
-    """The recipe's placement of ``images`` (uint8 [N, C, H, W] on the host) for a run on ``device``."""
-    if choose_placement(requested, images.numel() * images.element_size(), device) == "device":
-        return DeviceImages(images, batches, device)
-    return StreamedImages(images, batches, device)
+def image_feed(
+    images: ImageRows,
+    batches: EpochBatches,
+    device: torch.device,
+    requested: str,
+    workers: int,
+    total_steps: int,
+    crops: CropPlan | None = None,
+) -> ImageFeed:
+    """How ``images`` reach ``device``: encoded ones through decoding workers (``workers`` processes; ``crops``: the
+    views they crop from the original images), decoded ones from the device or the host (``requested``: the recipe's
+    ``training.data_placement``)."""
+    if isinstance(images, EncodedImages):
+        return DecodingFeed(images, batches, device, workers, total_steps, crops)
+    tensor = images.tensor
+    if choose_placement(requested, tensor.numel() * tensor.element_size(), device) == "device":
+        return DeviceImages(tensor, batches, device)
+    return HostImages(tensor, batches, device)

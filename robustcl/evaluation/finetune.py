@@ -2,7 +2,10 @@
 examples or with TRADES, with the epoch picked on a validation split carved from the training split.
 
 SLF (frozen encoder, clean data, no augmentation) trains the head on features computed once; the other protocols
-go through the encoder every step.
+go through the encoder every step. Under several processes the work is shared, not repeated (:mod:`.sharding`):
+each SLF feature is computed by one process and kept there, in :data:`FEATURE_DTYPE`; every batch of the other
+protocols is split between the processes, with BatchNorm statistics over the whole batch (AFF) and the gradients
+summed, so N processes train what one does.
 """
 
 from __future__ import annotations
@@ -17,24 +20,38 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..attacks import module_mode, pgd_attack
+from ..collectives import convert_sync_batchnorm, world
 from ..data.augment import WeakAugment, WeakAugmentParams
-from ..features import CHUNK, encode, pixels
+from ..data.batches import BatchRandom, RandomSource
+from ..errors import UserError
+from ..features import CHUNK, pixels
 from ..recipe import FinetuneConfig
 from .backbone import FeatureEncoder
+from .measure import unit_starts
+from .rows import Pixels, RowView, read_batches, resolution
+from .sharding import batch_random, batch_share, owned_rows, sum_gradients, sum_over_processes
+
+# SLF's training features, kept on the host: bfloat16 halves float32's memory (ImageNet's 1.15M finetuning images
+# × 2048 ResNet-50 features: 4.7 GB instead of 9.4 GB, split between the processes) and keeps its range, so no
+# backbone's features can overflow (float16 stops at 65504); its 8-bit mantissa (relative error ≤ 2⁻⁹) is noise far
+# below SGD's. Validation features stay float32: the accuracy that picks the epoch is the returned classifier's.
+FEATURE_DTYPE = torch.bfloat16
 
 _TRADES_START_STD = 0.001  # TRADES starts its KL attack from x + 0.001·N(0, 1)
 
 
 @dataclass
 class LabelledImages:
-    images: torch.Tensor  # uint8 [N, 3, R, R], CPU
+    images: Pixels  # uint8 [N, 3, R, R] CPU tensor, or rows decoded when read (see .rows)
     labels: torch.Tensor  # int64 [N], CPU
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def take(self, index: torch.Tensor) -> LabelledImages:
-        return LabelledImages(self.images[index], self.labels[index])
+        if isinstance(self.images, torch.Tensor):
+            return LabelledImages(self.images[index], self.labels[index])
+        return LabelledImages(RowView(self.images, index), self.labels[index])
 
 
 def split_validation(data: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
@@ -71,7 +88,15 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _ce_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, generator) -> torch.Tensor:
+def _ce_attack(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: FinetuneConfig,
+    generator: RandomSource | None = None,
+    start: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """PGD on the summed CE (each row's gradient is its own): from ``start``, else uniform noise from ``generator``."""
     with module_mode(model, False):
         return pgd_attack(
             lambda z: F.cross_entropy(model(z), y, reduction="sum"),
@@ -81,17 +106,35 @@ def _ce_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Finetune
             steps=cfg.attack_steps,
             random_start=True,
             generator=generator,
+            start=start,
         )
 
 
+def _normal(shape: torch.Size, source: RandomSource, device: torch.device) -> torch.Tensor:
+    """Standard normal noise; from a :class:`BatchRandom`, drawn for the whole batch and this process's rows kept."""
+    if isinstance(source, BatchRandom):
+        draw = torch.randn((source.total, *shape[1:]), generator=source.generator, device=source.device)
+        return draw[source.offset : source.offset + source.local]
+    return torch.randn(shape, generator=source, device=device)
+
+
 def trades_loss(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, generator: torch.Generator
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: FinetuneConfig,
+    generator: RandomSource,
+    total: int | None = None,
 ) -> torch.Tensor:
-    """TRADES (Zhang et al., 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x_adv)), x_adv maximising that KL (eval-mode BN)."""
+    """TRADES (Zhang et al., 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x_adv)), x_adv maximising that KL (eval-mode BN).
+
+    Both terms are sums over the rows divided by ``total`` (default: the rows given), the size of the global batch
+    these rows are part of: summed over the processes, the batch mean."""
+    total = len(x) if total is None else total
     with module_mode(model, False):
         with torch.no_grad():
             clean_probs = F.softmax(model(x), dim=1)
-        start = torch.randn(x.shape, generator=generator, device=x.device) * _TRADES_START_STD
+        start = _normal(x.shape, generator, x.device) * _TRADES_START_STD
         x_adv = pgd_attack(
             lambda z: F.kl_div(F.log_softmax(model(z), dim=1), clean_probs, reduction="sum"),
             x,
@@ -101,34 +144,119 @@ def trades_loss(
             start=start,
         )
     logits = model(x)
-    robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="batchmean")
-    return F.cross_entropy(logits, y) + cfg.trades_beta * robust
+    robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="sum")
+    return (F.cross_entropy(logits, y, reduction="sum") + cfg.trades_beta * robust) / total
 
 
 def _training_loss(
-    model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, generator: torch.Generator
+    model: Classifier, x: torch.Tensor, y: torch.Tensor, cfg: FinetuneConfig, random: RandomSource, total: int
 ) -> torch.Tensor:
+    """The protocol's loss of these rows: their sum divided by ``total``, the global batch size."""
     if cfg.train_attack == "trades":
-        return trades_loss(model, x, y, cfg, generator)
+        return trades_loss(model, x, y, cfg, random, total)
     if cfg.train_attack == "pgd":
-        x = _ce_attack(model, x, y, cfg, generator)
-    return F.cross_entropy(model(x), y)
+        x = _ce_attack(model, x, y, cfg, random)
+    return F.cross_entropy(model(x), y, reduction="sum") / total
+
+
+@torch.no_grad()
+def _encode_rows(
+    encoder: nn.Module,
+    images: Pixels,
+    rows: torch.Tensor,
+    device: torch.device,
+    dtype: torch.dtype,
+    workers: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Features of ``rows`` in ``dtype`` on the host, written into one preallocated tensor (never twice in memory);
+    shape [0, 0] when there are no rows."""
+    out = torch.empty((0, 0), dtype=dtype)
+    done = 0
+    chunks = list(rows.split(CHUNK))
+    bar = tqdm(total=len(rows), desc="features", unit="img", dynamic_ncols=True, disable=not progress)
+    with module_mode(encoder, False):
+        for part in read_batches(images, chunks, workers):
+            features = encoder(pixels(part, device)).to("cpu", dtype)
+            if done == 0:
+                out = torch.empty((len(rows), features.shape[1]), dtype=dtype)
+            out[done : done + len(features)] = features
+            done += len(features)
+            bar.update(len(features))
+    bar.close()
+    return out
+
+
+def train_features(
+    encoder: nn.Module,
+    train: LabelledImages,
+    rows: torch.Tensor,
+    device: torch.device = torch.device("cpu"),
+    workers: int = 0,
+    progress: bool = False,
+) -> torch.Tensor:
+    """SLF's training features of ``rows`` (this process's own), in the compact :data:`FEATURE_DTYPE`."""
+    return _encode_rows(encoder, train.images, rows, device, FEATURE_DTYPE, workers, progress)
+
+
+def _feature_dim(encoder: nn.Module, images: Pixels, features: torch.Tensor | None, device: torch.device) -> int:
+    if features is not None and features.shape[1]:
+        return int(features.shape[1])
+    return int(_encode_rows(encoder, images, torch.tensor([0]), device, torch.float32).shape[1])
+
+
+def _correct_fraction(correct: int, n: int, device: torch.device) -> float:
+    """The share of ``n`` validation images judged right, ``correct`` being this process's count."""
+    return int(sum_over_processes(torch.tensor([correct], device=device, dtype=torch.long)).item()) / n
 
 
 def _val_accuracy(
-    model: Classifier, val: LabelledImages, cfg: FinetuneConfig, device: torch.device, seed: int
+    model: Classifier, val: LabelledImages, cfg: FinetuneConfig, device: torch.device, seed: int, workers: int
 ) -> float:
-    """Clean or robust (the training attack's PGD with CE) validation accuracy; the same attack noise each epoch."""
-    generator = torch.Generator(device=device).manual_seed(seed + 1)
+    """Clean or robust (the training attack's PGD with CE) validation accuracy, each process judging its own rows;
+    an image's attack starts from noise seeded by its index, the same each epoch and on any process."""
     correct = 0
+    chunks = list(owned_rows(len(val)).split(CHUNK))
     with module_mode(model, False):
-        for images, labels in zip(val.images.split(CHUNK), val.labels.split(CHUNK)):
-            x, y = pixels(images, device), labels.to(device)
+        for rows, images in zip(chunks, read_batches(val.images, chunks, workers)):
+            x, y = pixels(images, device), val.labels[rows].to(device)
             if cfg.select_by == "robust":
-                x = _ce_attack(model, x, y, cfg, generator)
+                start = unit_starts(rows, x.shape[1:], seed + 1).to(device) * cfg.epsilon
+                x = _ce_attack(model, x, y, cfg, start=start)
             with torch.no_grad():
                 correct += (model(x).argmax(1) == y).sum().item()
-    return correct / len(val)
+    return _correct_fraction(correct, len(val), device)
+
+
+@torch.no_grad()
+def _feature_val_accuracy(head: nn.Linear, features: torch.Tensor, labels: torch.Tensor, n: int, device) -> float:
+    correct = 0
+    for part, y in zip(features.split(CHUNK), labels.split(CHUNK)):
+        correct += (head(part.to(device)).argmax(1) == y.to(device)).sum().item()
+    return _correct_fraction(correct, n, device)
+
+
+def _check_shares(n: int, cfg: FinetuneConfig, key: str) -> None:
+    """AFF's BatchNorm gathers statistics from every process at every training forward: each needs rows."""
+    _, size = world()
+    last = n % cfg.batch_size
+    smallest = min(cfg.batch_size, n) if last == 0 else last
+    if cfg.train_encoder and smallest < size:
+        raise UserError(
+            f"a finetuning batch of {smallest} images (of {n}, in batches of {cfg.batch_size}) leaves some of the "
+            f"{size} processes without images, and training the encoder needs every process in each batch",
+            f"{key}.batch_size",
+            f"choose a batch size whose last batch (of {n} images) holds 0 or at least {size} images",
+        )
+
+
+def _step(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], loss: torch.Tensor | None) -> None:
+    """One SGD step on the global batch: this process's share of its loss, gradients summed over the processes."""
+    optimizer.zero_grad(set_to_none=True)
+    if loss is not None:
+        loss.backward()
+    sum_gradients(params)
+    optimizer.step()
 
 
 def finetune(
@@ -142,54 +270,54 @@ def finetune(
     seed: int,
     desc: str = "finetune",
     progress: bool = True,
+    workers: int = 0,
+    key: str = "eval.finetune",
 ) -> FinetuneResult:
     """Train a linear head (and the encoder when ``cfg.train_encoder``) by SGD with a step schedule; keep the
-    weights of the epoch with the best validation accuracy (earliest on ties)."""
+    weights of the epoch with the best validation accuracy (earliest on ties).
+
+    Under several processes (a torch.distributed group) they share the work and train the same weights; ``workers``
+    decode streamed images; ``key`` names the protocol's recipe section in errors."""
+    _check_shares(len(train), cfg, key)
     torch.manual_seed(seed)
     encoder = encoder.to(device)
-    feature_dim = encode(encoder, train.images[:1], device).shape[1]
-    head = nn.Linear(feature_dim, num_classes).to(device)
+    if cfg.train_encoder and world()[1] > 1:
+        convert_sync_batchnorm(encoder)  # statistics of the global batch, as one process computes them
+    # Frozen encoder + clean, unaugmented inputs: the features never change, so compute them once.
+    cached = not cfg.train_encoder and cfg.train_attack == "none" and not cfg.augment
+    features = val_features = None
+    own, own_val = owned_rows(len(train)), owned_rows(len(val))
+    if cached:
+        features = train_features(encoder, train, own, device, workers, progress)
+        if cfg.select_by == "clean":
+            val_features = _encode_rows(encoder, val.images, own_val, device, torch.float32, workers)
+    head = nn.Linear(_feature_dim(encoder, train.images, features, device), num_classes).to(device)
     model = Classifier(encoder, head, frozen=not cfg.train_encoder)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
-    generator = torch.Generator(device=device).manual_seed(seed)
     order_generator = torch.Generator().manual_seed(seed)
-    augment = WeakAugment(WeakAugmentParams(size=train.images.shape[-1])) if cfg.augment else None
-    # Frozen encoder + clean, unaugmented inputs: the features never change, so compute them once.
-    features = val_features = None
-    if not cfg.train_encoder and cfg.train_attack == "none" and augment is None:
-        features = encode(encoder, train.images, device, progress)
-        if cfg.select_by == "clean":
-            val_features = encode(encoder, val.images, device)
+    augment = WeakAugment(WeakAugmentParams(size=resolution(train.images))) if cfg.augment else None
 
     best_state, best_epoch, best_acc = None, 0, -1.0
     history: list[dict[str, Any]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True, disable=not progress)
     for epoch in bar:
         model.train()
-        total, seen = 0.0, 0
-        for index in torch.randperm(len(train), generator=order_generator).split(cfg.batch_size):
-            y = train.labels[index].to(device)
-            if features is not None:
-                loss = F.cross_entropy(head(features[index.to(device)]), y)
-            else:
-                images = train.images[index].to(device)
-                x = augment(images, generator) if augment is not None else pixels(images, device)
-                loss = _training_loss(model, x, y, cfg, generator)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            total += loss.item() * len(index)
-            seen += len(index)
+        batches = torch.randperm(len(train), generator=order_generator).split(cfg.batch_size)
+        if features is not None:
+            total = _feature_epoch(head, features, own, train.labels, batches, optimizer, params, device)
+        else:
+            run = _EpochRun(model, augment, cfg, device, seed, epoch, optimizer, params)
+            total = run.run(train, batches, workers)
+        train_loss = float(sum_over_processes(torch.tensor([total], dtype=torch.float64, device=device))) / len(train)
         scheduler.step()
         if val_features is not None:
-            with torch.no_grad():
-                val_acc = (head(val_features).argmax(1) == val.labels.to(device)).sum().item() / len(val)
+            val_acc = _feature_val_accuracy(head, val_features, val.labels[own_val], len(val), device)
         else:
-            val_acc = _val_accuracy(model, val, cfg, device, seed)
-        history.append({"epoch": epoch, "train_loss": total / seen, "val_accuracy": val_acc})
-        bar.set_postfix(loss=f"{total / seen:.4f}", val=f"{100 * val_acc:.1f}%")
+            val_acc = _val_accuracy(model, val, cfg, device, seed, workers)
+        history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_acc})
+        bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{100 * val_acc:.1f}%")
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
             trained = model if cfg.train_encoder else head
@@ -197,3 +325,61 @@ def finetune(
     bar.close()
     (model if cfg.train_encoder else head).load_state_dict(best_state)
     return FinetuneResult(model.eval(), best_epoch, best_acc, history)
+
+
+def _feature_epoch(
+    head: nn.Linear,
+    features: torch.Tensor,
+    own: torch.Tensor,
+    labels: torch.Tensor,
+    batches: tuple[torch.Tensor, ...],
+    optimizer: torch.optim.Optimizer,
+    params: list[nn.Parameter],
+    device: torch.device,
+) -> float:
+    """One SLF epoch on cached features: each process takes the rows of each batch it owns (their features are
+    here). Returns this process's summed loss."""
+    first, stop = (int(own[0]), int(own[-1]) + 1) if len(own) else (0, 0)
+    total = 0.0
+    for index in batches:
+        mine = index[(index >= first) & (index < stop)]
+        loss = None
+        if len(mine):
+            x = features[mine - first].to(device).float()
+            loss = F.cross_entropy(head(x), labels[mine].to(device), reduction="sum") / len(index)
+            total += loss.item() * len(index)
+        _step(optimizer, params, loss)
+    return total
+
+
+@dataclass
+class _EpochRun:
+    """One epoch through the encoder (ALF / AFF, or SLF with augmentation or attacks): each process runs its share
+    of every batch, with the batch's random numbers drawn as one process would (:class:`BatchRandom`)."""
+
+    model: Classifier
+    augment: WeakAugment | None
+    cfg: FinetuneConfig
+    device: torch.device
+    seed: int
+    epoch: int
+    optimizer: torch.optim.Optimizer
+    params: list[nn.Parameter]
+
+    def run(self, train: LabelledImages, batches: tuple[torch.Tensor, ...], workers: int) -> float:
+        """Returns this process's summed loss."""
+        shares = [batch_share(index) for index in batches]
+        total = 0.0
+        pixels_of = read_batches(train.images, [rows for rows, _ in shares], workers)
+        for number, (index, (rows, offset), images) in enumerate(zip(batches, shares, pixels_of)):
+            loss = self._loss(number, index, rows, offset, images, train.labels[rows]) if len(rows) else None
+            if loss is not None:
+                total += loss.item() * len(index)
+            _step(self.optimizer, self.params, loss)
+        return total
+
+    def _loss(self, number, index, rows, offset, images, labels) -> torch.Tensor:
+        random = batch_random(self.seed, self.epoch, number, self.device, len(rows), offset, len(index))
+        images = images.to(self.device)
+        x = self.augment(images, random) if self.augment is not None else pixels(images, self.device)
+        return _training_loss(self.model, x, labels.to(self.device), self.cfg, random, len(index))

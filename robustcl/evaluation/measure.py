@@ -18,9 +18,11 @@ from torch.utils.data import DataLoader, TensorDataset
 from tqdm.auto import tqdm
 
 from ..attacks import module_mode, pgd_attack
+from ..data.images import pixels_of
 from ..errors import UserError
 from ..features import pixels
 from ..recipe import EvalAttackConfig
+from .rows import Pixels
 
 NOT_ATTACKED = -1  # flag value of images outside --attack-subset
 AUTOATTACK_INSTALL = 'pip install "robustcl[autoattack]"  (or: pip install pyautoattack)'
@@ -98,7 +100,7 @@ def _flags(
 
 def measure(
     model: nn.Module,
-    images: torch.Tensor,
+    images: Pixels,
     labels: torch.Tensor,
     cfg: EvalAttackConfig,
     attacks: list[str],
@@ -110,7 +112,8 @@ def measure(
     progress: bool = True,
 ) -> Measurement:
     """Clean accuracy on every test image; PGD (RA), AutoAttack (AA) and the ε-curve on the first
-    ``attack_subset`` images (all when None). ``model`` maps pixels in [0, 1] to logits."""
+    ``attack_subset`` images (all when None). ``model`` maps pixels in [0, 1] to logits. Each process reads (and,
+    for encoded images, decodes) only the images of its batches."""
     device = accelerator.device
     model = model.to(device)
     n = len(images)
@@ -127,7 +130,7 @@ def measure(
     with module_mode(model, False):
         for (index,) in bar:
             cpu_index = index.cpu()
-            x, y = pixels(images[cpu_index], device), labels[cpu_index].to(device)
+            x, y = pixels(pixels_of(images, cpu_index), device), labels[cpu_index].to(device)
             results = {"index": index}
             with torch.no_grad():
                 results["clean"] = (model(x).argmax(1) == y).long()

@@ -51,6 +51,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"(validation {ft['select_by']} accuracy {_pct(ft['val_accuracy'])})",
         f"  {'metric':<6} {'accuracy':>9} {'images':>7}  attack",
     ]
+    note = report["dataset"].get("test_split_note")  # absent from reports of earlier versions
+    if note:
+        lines.insert(1, f"  {note}")
     lines += [f"  {name:<6} {_pct(value):>9} {count:>7}  {what}" for name, value, count, what in rows]
     return "\n".join(lines)
 

@@ -5,27 +5,34 @@ from __future__ import annotations
 import copy
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast
 
-from ..data.loading import load_images
-from ..distributed import check_world_size, on_main_process
+from ..data.labels import read_labels
+from ..data.loading import ImageData, OpenedSplit, open_images
+from ..data.streamed import default_workers
+from ..distributed import check_world_size, on_main_process, processes_on_node
 from ..errors import UserError
 from ..export_layout import CLASSIFIER_DIR, CURVE_FILE, PROTOCOLS
 from ..fingerprint import weights_sha256
 from ..json_files import write_json
 from ..locking import folder_lock
-from ..recipe import Recipe, override_recipe
+from ..recipe import DataConfig, Recipe, override_recipe
 from .backbone import LoadedModel, load_model
 from .finetune import Classifier, LabelledImages, finetune, split_validation
 from .measure import Measurement, measure, pgd_curve_step, require_autoattack
 from .output import checked_output, default_output, run_dir_output
 from .report import format_table, plot_curve, software_versions
+from .rows import HeldRows
+from .sharding import owned_rows
 
 ATTACKS = ("pgd20", "autoattack")
 
@@ -39,8 +46,102 @@ class EvalData:
     source: dict[str, Any]
 
 
-def load_eval_data(recipe: Recipe, progress: bool = True) -> EvalData:
-    """The downstream train/validation/test splits: ``eval.data``, or the pretraining dataset when its path is unset."""
+# Measured instead of a test split without labels (ImageNet-1k's on the Hub: every label -1).
+FALLBACK_TEST_SPLIT = "validation"
+
+
+@dataclass
+class _Split:
+    opened: OpenedSplit
+    labels: torch.Tensor
+    num_classes: int
+    class_names: list[str] | None
+
+
+def _has_labels(opened: OpenedSplit) -> bool:
+    """Whether the split has a label column with a value in some row (null, or -1 in every row, means none)."""
+    if opened.label_column is None:
+        return False
+    column = opened.ds.select_columns([opened.label_column]).with_format("arrow")[:].column(opened.label_column)
+    if column.null_count == len(column):
+        return False
+    if pa.types.is_integer(column.type):
+        return bool(pc.max(pc.greater_equal(column, 0)).as_py())
+    return True
+
+
+def _labelled(opened: OpenedSplit, classes_from: ImageData | None = None) -> _Split:
+    """The split's labels read (numbered as ``classes_from`` numbers its classes), no pixel decoded."""
+    if opened.label_column is None:
+        raise UserError(
+            f"evaluation needs class labels, but {opened.source} has no label column",
+            "eval.data.label_column",
+            "name the label column with --set eval.data.label_column=NAME",
+        )
+    labels, num_classes, names = read_labels(opened.ds, opened.label_column, opened.source, "eval.data", classes_from)
+    return _Split(opened, labels, num_classes, names)
+
+
+def _as_reference(split: _Split) -> ImageData:
+    """What label numbering (``classes_from``) needs of a split: its class names and where it comes from."""
+    o = split.opened
+    return ImageData(
+        torch.empty(0, dtype=torch.uint8), split.labels, split.num_classes, split.class_names, o.image_column,
+        o.label_column, o.source, o.fingerprint,
+    )  # fmt: skip
+
+
+def _open_test(
+    open_split: Callable[[str, str], OpenedSplit], test_split: str, train_split: str, dataset: str
+) -> tuple[OpenedSplit, str | None]:
+    """The split to measure on: ``test_split``, or the validation split when the test split has no labels; with
+    the note the report carries when it was replaced."""
+    test = open_split(test_split, "eval.data.max_test")
+    if _has_labels(test):
+        return test, None
+    what = f"the '{test_split}' split of {dataset} has no labels"
+    fix = "set eval.data.test_split to a labelled split (--set eval.data.test_split=NAME)"
+    if FALLBACK_TEST_SPLIT in (test_split, train_split):
+        raise UserError(f"{what} to measure on", "eval.data.test_split", fix)
+    try:
+        fallback = open_split(FALLBACK_TEST_SPLIT, "eval.data.max_test")
+    except UserError as err:
+        what = f"{what}, and its '{FALLBACK_TEST_SPLIT}' split cannot stand in: {err.what}"
+        raise UserError(what, "eval.data.test_split", fix) from None
+    if not _has_labels(fallback):
+        raise UserError(f"{what}, nor has its '{FALLBACK_TEST_SPLIT}' split", "eval.data.test_split", fix)
+    return fallback, f"measured on the '{FALLBACK_TEST_SPLIT}' split: the '{test_split}' split has no labels"
+
+
+def _loading(data: DataConfig, decoded_bytes: int) -> str:
+    """``data.loading`` for an evaluation split: ``auto`` decodes up to ``data.decoded_max_gb`` (the decoding then
+    refuses, in one line, what does not fit in memory), and streams beyond."""
+    if data.loading != "auto":
+        return data.loading
+    return "decoded" if decoded_bytes <= data.decoded_max_gb * 1e9 else "streamed"
+
+
+def _train_pixels(train: _Split, data: DataConfig, fraction: float, seed: int, shard: bool, progress: bool):
+    """The training split's finetuning and validation parts: decoded (all rows, or with ``shard`` only the rows this
+    process owns, see :func:`owned_rows`) when ``data.loading`` allows, else left encoded."""
+    encoded = LabelledImages(train.opened.encoded(), train.labels)
+    fit, val = split_validation(encoded, fraction, seed)
+    if _loading(data, train.opened.decoded_bytes()) == "streamed":
+        return fit, val
+    if not shard:
+        return split_validation(LabelledImages(train.opened.decode(progress), train.labels), fraction, seed)
+    held = torch.cat([fit.images.rows[owned_rows(len(fit))], val.images.rows[owned_rows(len(val))]]).sort().values
+    part = replace(train.opened, ds=train.opened.ds.select(held.tolist())).decode(progress)
+    return split_validation(LabelledImages(HeldRows(part, held), train.labels), fraction, seed)
+
+
+def load_eval_data(recipe: Recipe, progress: bool = True, shard_train: bool = False) -> EvalData:
+    """The downstream train/validation/test splits: ``eval.data``, or the pretraining dataset when its path is unset.
+
+    Labels are read at once. Pixels are decoded once (uint8 tensors) when ``data.loading`` allows it for the split's
+    size (:func:`_loading`), else left encoded and decoded by the process that reads a row, when it does. With
+    ``shard_train`` (SLF, which reads each training image once) a process decodes only the rows it owns.
+    """
     e, d = recipe.eval.data, recipe.data
     inherited = e.path is None
     path = d.path if inherited else e.path
@@ -51,49 +152,49 @@ def load_eval_data(recipe: Recipe, progress: bool = True) -> EvalData:
         label_column=d.label_column if inherited else e.label_column,
         progress=progress,
         key_prefix="eval.data",
+        center_crop=e.center_crop,
     )
 
-    def require_labels(part) -> None:  # part: an ImageData
-        if part.labels is None:
-            raise UserError(
-                f"evaluation needs class labels, but {part.source} has no label column",
-                "eval.data.label_column",
-                "name the label column with --set eval.data.label_column=NAME",
-            )
+    def open_split(split: str, max_key: str) -> OpenedSplit:
+        limit = e.max_train if max_key == "eval.data.max_train" else e.max_test
+        return open_images(path, split, max_samples=limit, max_samples_key=max_key, **common)
 
-    train = load_images(path, e.train_split, max_samples=e.max_train, max_samples_key="eval.data.max_train", **common)
-    require_labels(train)
-    num_classes = int(train.num_classes or 0)
+    train = _labelled(open_split(e.train_split, "eval.data.max_train"))
+    num_classes = train.num_classes
     if num_classes < 2:
         raise UserError(
-            f"evaluation needs at least 2 classes, {train.source} has {num_classes}",
+            f"evaluation needs at least 2 classes, {train.opened.source} has {num_classes}",
             "eval.data.label_column",
             "point eval.data at a labelled classification dataset",
         )
+    dataset = f"{path}" + (f"[{common['name']}]" if common["name"] else "")
+    opened_test, note = _open_test(open_split, e.test_split, e.train_split, dataset)
     # Numbered by the training split's class names: the head predicts the training split's ids.
-    test = load_images(
-        path, e.test_split, max_samples=e.max_test, max_samples_key="eval.data.max_test", classes_from=train, **common
-    )
-    require_labels(test)
+    test = _labelled(opened_test, classes_from=_as_reference(train))
     # Bare integer labels are matched by value: a test id beyond the training split's classes has no output.
     if int(test.labels.max()) >= num_classes:
         raise UserError(
-            f"{test.source} has labels the training split does not ({int(test.labels.max())} ≥ {num_classes})",
+            f"{test.opened.source} has labels the training split does not ({int(test.labels.max())} ≥ {num_classes})",
             "eval.data.test_split",
             "use train and test splits of the same dataset",
         )
-    fit, val = split_validation(LabelledImages(train.images, train.labels), e.val_fraction, recipe.eval.seed)
+    fit, val = _train_pixels(train, d, e.val_fraction, recipe.eval.seed, shard_train, progress)
+    streamed = _loading(d, opened_test.decoded_bytes()) == "streamed"
+    test_pixels = opened_test.encoded() if streamed else opened_test.decode(progress)
     source = {
-        "source": f"{path}" + (f"[{common['name']}]" if common["name"] else ""),
+        "source": dataset,
         "path": path,
         "name": common["name"],
         "train_split": e.train_split,
-        "test_split": e.test_split,
+        "test_split": FALLBACK_TEST_SPLIT if note else e.test_split,
+        "requested_test_split": e.test_split,
+        "test_split_note": note,
         "resolution": common["resolution"],
+        "center_crop": e.center_crop,
         "num_classes": num_classes,
         "class_names": train.class_names,
     }
-    return EvalData(fit, val, LabelledImages(test.images, test.labels), num_classes, source)
+    return EvalData(fit, val, LabelledImages(test_pixels, test.labels), num_classes, source)
 
 
 def _check_choices(protocol: str | None, attacks: list[str] | None) -> None:
@@ -203,10 +304,15 @@ def _evaluate(
 ) -> dict[str, Any]:
     """Finetune, measure and write the report (``evaluate`` after its checks, with the output folder locked)."""
     main, ev, reference = accelerator.is_main_process, recipe.eval, loaded.reference
-    data = load_eval_data(recipe, progress=progress and accelerator.is_local_main_process)
+    cfg = getattr(ev, protocol)
+    # Images every epoch (augmentation, attacks): worth decoding once, when they fit; SLF reads each row once.
+    per_epoch = cfg.train_encoder or cfg.augment or cfg.train_attack != "none"
+    local = processes_on_node(accelerator)
+    show = progress and accelerator.is_local_main_process
+    data = load_eval_data(recipe, progress=show, shard_train=not per_epoch)
+    workers = recipe.data.workers if recipe.data.workers is not None else default_workers(local)
     # Ties the report to the exact weights measured: exports ship only the evaluations of their own weights.
     encoder_sha256 = weights_sha256(loaded.encoder.backbone)
-    cfg = getattr(ev, protocol)
     result = finetune(
         loaded.encoder,
         data.train,
@@ -217,6 +323,8 @@ def _evaluate(
         seed=ev.seed,
         desc=f"{protocol} finetune",
         progress=progress and main,
+        workers=workers,
+        key=f"eval.{protocol}",
     )
     _share_weights(result.classifier, accelerator)
     hf_classifier = None

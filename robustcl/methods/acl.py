@@ -20,6 +20,7 @@ from .views import simclr_augment
 
 class ACL(Method):
     display_name = "ACL"
+    original_crops = 2  # its two SimCLR views
     paper = Paper(
         title="Robust Pre-Training by Adversarial Contrastive Learning",
         authors="Jiang et al.",

@@ -28,6 +28,7 @@ from ..attacks import module_mode
 from ..data.batches import BatchRandom
 from ..data.frequency import high_frequency
 from ..errors import UserError
+from ..kmeans import OneProcess, ProcessGroup
 from ..losses import multi_positive_nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..pseudo_labels import LABELS_FILE, compute_pseudo_labels, load_pseudo_labels, save_pseudo_labels
@@ -71,15 +72,35 @@ class AdvCL(Method):
         super().setup(run)
         path = self.label_file(run.run_dir)
         if self.opts.pseudo_labels is None and not path.is_file():
-            if run.is_main_process():
-                reference = self.opts.cluster_encoder
-                labels = compute_pseudo_labels(
-                    run.encoder(reference), reference, run.images, self.opts.clusters,
-                    seed=self.recipe.training.seed, device=run.device,
-                )  # fmt: skip
-                save_pseudo_labels(path, labels)
-            run.wait_for_everyone()
+            self.cluster(run, path)
         self.pseudo_labels = load_pseudo_labels(path, self.opts.clusters, run.images).to(run.device)
+
+    def cluster(self, run: TrainingRun, path: Path) -> None:
+        """Every process encodes its shard of the images and joins the sharded k-means; the main process writes the
+        labels file. Returns once the file is in place; a failure on any process raises on every process."""
+        many = run.accelerator is not None and run.accelerator.num_processes > 1
+        group = ProcessGroup() if many else OneProcess()
+        reference = self.opts.cluster_encoder
+
+        def load() -> nn.Module:
+            if run.accelerator is None:
+                return run.encoder(reference)
+            from ..distributed import node_main_first
+
+            # A Hub encoder is downloaded once per node, not raced for by every process.
+            return node_main_first(run.accelerator, lambda: run.encoder(reference))
+
+        encoder = group.agree(load, "loading the cluster encoder")
+        labels = compute_pseudo_labels(
+            encoder, reference, run.images, self.opts.clusters,
+            seed=self.recipe.training.seed, device=run.device, progress=run.is_main_process(), group=group,
+        )  # fmt: skip
+
+        def write() -> None:
+            if labels is not None:  # the main process, which gathered them
+                save_pseudo_labels(path, labels)
+
+        group.agree(write, "writing the pseudo-labels")
 
     def label_file(self, run_dir: Path) -> Path:
         """The recipe's labels file, else the one computed into the run directory."""

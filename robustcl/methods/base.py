@@ -14,6 +14,7 @@ from torch import nn
 
 from ..attacks import frozen_parameters, module_mode, pgd_attack
 from ..data.batches import BatchRandom
+from ..data.images import ImageRows
 from ..models import RobustCLResNetConfig, RobustCLResNetModel
 from ..recipe import ModelConfig, Recipe
 
@@ -41,6 +42,8 @@ def encoder_config(cfg: ModelConfig, bn_branches: list[str]) -> RobustCLResNetCo
         image_mean=list(cfg.image_mean),
         image_std=list(cfg.image_std),
         bn_branches=list(bn_branches),
+        block=cfg.block,
+        stem_width=cfg.stem_width,
     )
 
 
@@ -60,7 +63,7 @@ class TrainingRun:
     (pseudo-labels are checked against it) and the run directory (for files a stage computes)."""
 
     run_dir: Path
-    images: torch.Tensor  # uint8 [N, 3, R, R], the whole pretraining split in dataset order
+    images: ImageRows  # the pretraining split in dataset order (decoded, or encoded for the streamed path)
     steps_per_epoch: int
     total_steps: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -106,6 +109,9 @@ class Method(nn.Module):
     adversarial: ClassVar[bool] = True  # trained against an adversary (False: a non-robust baseline)
     # Its loss compares images of the batch with each other (negatives): multi-process runs synchronise BN by default.
     contrastive: ClassVar[bool] = True
+    # SimCLR views a step takes when augment.crop_on is original (the data workers crop them from the original
+    # images); 0: the method needs the decoded image itself (weak views, annealed crops) and cannot.
+    original_crops: ClassVar[int] = 0
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()

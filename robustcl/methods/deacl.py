@@ -25,7 +25,16 @@ from .base import Method, Paper, TrainingRun, encoder_config
 from .views import weak_augment
 
 # The architecture keys a student must share with its teacher to start as a copy of it.
-_ARCHITECTURE_KEYS = ("block_layers", "widths", "stem", "stem_padding", "image_mean", "image_std")
+_ARCHITECTURE_KEYS = (
+    "block",
+    "block_layers",
+    "widths",
+    "stem",
+    "stem_padding",
+    "stem_width",
+    "image_mean",
+    "image_std",
+)
 
 
 class DeACL(Method):
@@ -89,6 +98,7 @@ class DeACL(Method):
         # The padding as built: null means the stem's default, the same network as that default written out.
         ours["stem_padding"] = self.encoder.config.resolved_stem_padding
         theirs["stem_padding"] = backbone.config.resolved_stem_padding
+        ours["stem_width"], theirs["stem_width"] = self.encoder.config.stem_channels, backbone.config.stem_channels
         differ = [k for k in _ARCHITECTURE_KEYS if ours.get(k) != theirs.get(k)]
         if differ or theirs.get("bn_branches"):
             what = ", ".join(f"model.{k}" for k in differ) or "bn_branches"

@@ -30,6 +30,7 @@ from .views import simclr_augment
 
 class DynACL(ACL):
     display_name = "DynACL"
+    original_crops = 0  # its crop's area range is annealed with the epoch, which the data workers do not follow
     paper = Paper(
         title="Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning",
         authors="Luo et al.",

@@ -19,6 +19,7 @@ from .views import simclr_augment
 class SimCLR(Method):
     display_name = "SimCLR"
     adversarial = False
+    original_crops = 2  # its two SimCLR views
     paper = Paper(
         title="A Simple Framework for Contrastive Learning of Visual Representations",
         authors="Chen et al.",

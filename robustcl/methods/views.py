@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ..data.augment import SimCLRAugment, SimCLRAugmentParams, WeakAugment, WeakAugmentParams
+from ..data.crops import CropPlan
+from ..errors import UserError
 from ..recipe import Recipe
 
 
@@ -32,3 +34,26 @@ def weak_augment(recipe: Recipe) -> WeakAugment:
             size=recipe.data.resolution, padding=recipe.augment.weak_padding, flip_p=recipe.augment.flip_p
         )
     )
+
+
+def original_crop_plan(recipe: Recipe, views: int) -> CropPlan | None:
+    """The crops the data workers take from the original images (``augment.crop_on: original``) for a method that
+    takes ``views`` SimCLR views a step (its ``original_crops``); None when the crop is taken on the device."""
+    a = recipe.augment
+    if a.crop_on != "original":
+        return None
+    if views == 0:
+        raise UserError(
+            f"augment.crop_on: original is not available for method {recipe.method.name} (its views need the "
+            "decoded image: weak views or crops annealed during training)",
+            "augment.crop_on",
+            "use augment.crop_on: decoded, or method acl or simclr",
+        )
+    if recipe.data.loading == "decoded":
+        raise UserError(
+            "augment.crop_on: original crops the original images as they stream; data.loading: decoded keeps none",
+            "data.loading",
+            "set data.loading to streamed or auto",
+        )
+    resolution, seed = recipe.data.resolution, recipe.training.seed
+    return CropPlan(views, tuple(a.crop_scale), tuple(a.crop_ratio), resolution, seed, a.interpolation)

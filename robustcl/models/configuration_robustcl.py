@@ -15,6 +15,13 @@ except ImportError:  # transformers < 5 spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
 STEMS = ("cifar", "imagenet")
+# basic: two 3×3 convs (ResNet-18/34); bottleneck: 1×1 → 3×3 (stride here, torchvision v1.5) → 1×1 with 4× output
+# channels (ResNet-50/101); wide_preact: BN-ReLU before each of two 3×3 convs (WideResNets as TRADES/AWP use them).
+BLOCKS = ("basic", "bottleneck", "wide_preact")
+# Output channels of a block per channel of its stage width.
+BLOCK_EXPANSION = {"basic": 1, "bottleneck": 4, "wide_preact": 1}
+# A WideResNet's stem has 16 channels whatever its widen factor (Zagoruyko & Komodakis; TRADES, AWP).
+WIDE_STEM_WIDTH = 16
 # Side of each stem's first convolution.
 STEM_KERNEL = {"cifar": 3, "imagenet": 7}
 
@@ -55,6 +62,8 @@ class RobustCLResNetConfig(PreTrainedConfig):
         bn_branches: Sequence[str] = (),
         batch_norm_eps: float = 1e-5,
         batch_norm_momentum: float = 0.1,
+        block: str = "basic",
+        stem_width: int | None = None,
         **kwargs: Any,
     ) -> None:
         # Lists (not tuples) so that a JSON round trip gives back an equal config.
@@ -68,12 +77,21 @@ class RobustCLResNetConfig(PreTrainedConfig):
         self.bn_branches = list(bn_branches)
         self.batch_norm_eps = float(batch_norm_eps)
         self.batch_norm_momentum = float(batch_norm_momentum)
+        # Absent from config.json files written before these keys existed: the basic block and widths[0] they used.
+        self.block = block
+        if stem_width is not None and not _is_integer(stem_width):
+            raise ValueError(f"stem_width must be an integer or None, got {_brief(stem_width)}")
+        self.stem_width = None if stem_width is None else int(stem_width)
         self._check()
         super().__init__(**kwargs)
 
     def _check(self) -> None:
         if self.stem not in STEMS:
             raise ValueError(f"stem must be one of {list(STEMS)}, got {self.stem!r}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {list(BLOCKS)}, got {_brief(self.block)}")
+        if self.stem_width is not None and not 1 <= self.stem_width <= MAX_WIDTH:
+            raise ValueError(f"stem_width must be between 1 and {MAX_WIDTH} channels or None, got {self.stem_width}")
         if not self.block_layers:
             raise ValueError("block_layers must name at least one stage")
         if len(self.widths) != len(self.block_layers):
@@ -123,7 +141,9 @@ class RobustCLResNetConfig(PreTrainedConfig):
         if self.num_channels > MAX_WIDTH:
             raise ValueError(f"num_channels must be <= {MAX_WIDTH}, got {self.num_channels}")
         # Of the plain-BN encoder (what an export holds): BN branches add a fraction of a percent.
-        size = estimate_parameters(self.block_layers, self.widths, self.stem, self.num_channels)
+        size = estimate_parameters(
+            self.block_layers, self.widths, self.stem, self.num_channels, block=self.block, stem_width=self.stem_width
+        )
         if size > MAX_PARAMETERS:
             raise ValueError(
                 f"block_layers {_brief(self.block_layers)} and widths {_brief(self.widths)} make about {size:,} "
@@ -134,13 +154,24 @@ class RobustCLResNetConfig(PreTrainedConfig):
         """Values in the model's state dict (parameters and BatchNorm statistics, every BN branch), from the
         config alone: what building the model allocates, known before building it."""
         return estimate_parameters(
-            self.block_layers, self.widths, self.stem, self.num_channels, max(1, len(self.bn_branches))
+            self.block_layers,
+            self.widths,
+            self.stem,
+            self.num_channels,
+            max(1, len(self.bn_branches)),
+            block=self.block,
+            stem_width=self.stem_width,
         )
 
     @property
     def hidden_size(self) -> int:
-        """Dimension of the pooled feature (width of the last stage)."""
-        return self.widths[-1]
+        """Dimension of the pooled feature (output channels of the last stage: 4× its width for bottlenecks)."""
+        return self.widths[-1] * BLOCK_EXPANSION[self.block]
+
+    @property
+    def stem_channels(self) -> int:
+        """Output channels of the stem conv, with the block's default filled in."""
+        return stem_channels(self.widths, self.block, self.stem_width)
 
     @property
     def resolved_stem_padding(self) -> int:
@@ -174,8 +205,37 @@ def _batch_norm_values(channels: int, copies: int) -> int:
     return copies * (4 * channels + 1)
 
 
+def stem_channels(widths: Sequence[int], block: str = "basic", stem_width: int | None = None) -> int:
+    """Output channels of the stem conv: ``stem_width``, else 16 for WideResNets and ``widths[0]`` otherwise."""
+    if stem_width is not None:
+        return stem_width
+    return WIDE_STEM_WIDTH if block == "wide_preact" else widths[0]
+
+
+def _block_values(block: str, in_planes: int, width: int, stride: int, bn_copies: int) -> int:
+    """Values in one block's state dict (see resnet.py for the layouts)."""
+    out = width * BLOCK_EXPANSION[block]
+    projection = stride != 1 or in_planes != out  # the 1×1 shortcut conv of a block that changes the shape
+    if block == "bottleneck":
+        total = in_planes * width + 9 * width * width + width * out
+        total += 2 * _batch_norm_values(width, bn_copies) + _batch_norm_values(out, bn_copies)
+        return total + (in_planes * out + _batch_norm_values(out, bn_copies) if projection else 0)
+    if block == "wide_preact":  # BN on the block's input; the shortcut conv has no BN
+        total = 9 * in_planes * width + 9 * width * width
+        total += _batch_norm_values(in_planes, bn_copies) + _batch_norm_values(width, bn_copies)
+        return total + (in_planes * width if projection else 0)
+    total = 9 * in_planes * width + 9 * width * width + 2 * _batch_norm_values(width, bn_copies)
+    return total + (in_planes * width + _batch_norm_values(width, bn_copies) if projection else 0)
+
+
 def estimate_parameters(
-    block_layers: Sequence[int], widths: Sequence[int], stem: str = "cifar", num_channels: int = 3, bn_copies: int = 1
+    block_layers: Sequence[int],
+    widths: Sequence[int],
+    stem: str = "cifar",
+    num_channels: int = 3,
+    bn_copies: int = 1,
+    block: str = "basic",
+    stem_width: int | None = None,
 ) -> int:
     """Values in the state dict of the ResNet these numbers describe (convolutions, BatchNorm parameters and
     statistics, the normalisation buffers), in closed form: no tensor is built, so any size is cheap to check.
@@ -183,21 +243,24 @@ def estimate_parameters(
     ``bn_copies`` is the number of BN branches (1 for plain BatchNorm).
     """
     kernel = STEM_KERNEL.get(stem, 7)
-    total = 2 * num_channels + num_channels * widths[0] * kernel * kernel + _batch_norm_values(widths[0], bn_copies)
-    in_planes = widths[0]
+    first = stem_channels(widths, block, stem_width)
+    total = 2 * num_channels + num_channels * first * kernel * kernel
+    if block != "wide_preact":  # pre-activation blocks normalise their own input instead
+        total += _batch_norm_values(first, bn_copies)
+    in_planes = first
     for stage, (blocks, width) in enumerate(zip(block_layers, widths)):
-        if blocks < 1:
-            continue
-        first = 9 * in_planes * width + 9 * width * width + 2 * _batch_norm_values(width, bn_copies)
-        if stage > 0 or in_planes != width:  # the 1×1 projection shortcut of a block that changes the shape
-            first += in_planes * width + _batch_norm_values(width, bn_copies)
-        same = 18 * width * width + 2 * _batch_norm_values(width, bn_copies)
-        total += first + (blocks - 1) * same
-        in_planes = width
+        for index in range(blocks):
+            stride = 2 if stage > 0 and index == 0 else 1
+            total += _block_values(block, in_planes, width, stride, bn_copies)
+            in_planes = width * BLOCK_EXPANSION[block]
+    if block == "wide_preact":  # the final BN-ReLU of a pre-activation network
+        total += _batch_norm_values(in_planes, bn_copies)
     return total
 
 
 __all__ = [
+    "BLOCKS",
+    "BLOCK_EXPANSION",
     "MAX_BLOCKS_PER_STAGE",
     "MAX_BN_BRANCHES",
     "MAX_PARAMETERS",
@@ -205,5 +268,7 @@ __all__ = [
     "MAX_WIDTH",
     "STEM_KERNEL",
     "RobustCLResNetConfig",
+    "WIDE_STEM_WIDTH",
     "estimate_parameters",
+    "stem_channels",
 ]

@@ -38,7 +38,7 @@ class RobustCLResNetPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = "image"
     supports_gradient_checkpointing = False
-    _no_split_modules = ["BasicBlock"]
+    _no_split_modules = ["BasicBlock", "Bottleneck", "WideBasicBlock"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -92,6 +92,8 @@ class RobustCLResNetModel(RobustCLResNetPreTrainedModel):
             bn_branches=config.bn_branches,
             eps=config.batch_norm_eps,
             momentum=config.batch_norm_momentum,
+            block=config.block,
+            stem_width=config.stem_width,
         )
         self.pooler = nn.AdaptiveAvgPool2d(1)
         self.post_init()

@@ -1,4 +1,5 @@
-"""Plain torch building blocks: multi-branch BatchNorm and the CIFAR/ImageNet-stem ResNet.
+"""Plain torch building blocks: multi-branch BatchNorm and the CIFAR/ImageNet-stem ResNet (basic, bottleneck or
+wide pre-activation blocks).
 
 This file is exported as transformers remote code, so it may import only torch and the
 standard library.
@@ -158,6 +159,18 @@ def resolve_bn_branch(branches: Sequence[str], bn_branch: str | None) -> str | N
     return bn_branch
 
 
+def _shortcut(
+    in_planes: int, out_planes: int, stride: int, bn_branches: Sequence[str], eps: float, momentum: float
+) -> nn.Sequential:
+    """The identity (an empty Sequential), or a 1x1 conv + BN projection when the block changes the shape."""
+    if stride == 1 and in_planes == out_planes:
+        return nn.Sequential()
+    return nn.Sequential(
+        nn.Conv2d(in_planes, out_planes, kernel_size=1, stride=stride, bias=False),
+        make_batch_norm(out_planes, bn_branches, 2, eps, momentum),
+    )
+
+
 class BasicBlock(nn.Module):
     """ResNet basic block (two 3x3 convs) with a 1x1 conv + BN shortcut when the shape changes."""
 
@@ -179,12 +192,7 @@ class BasicBlock(nn.Module):
         self.bn2 = make_batch_norm(planes, bn_branches, 2, eps, momentum)
         self.relu = nn.ReLU(inplace=False)
         # Empty Sequential for the identity keeps kuangliu/ACL state-dict names (shortcut.0, shortcut.1).
-        self.shortcut = nn.Sequential()
-        if stride != 1 or in_planes != planes * self.expansion:
-            self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes * self.expansion, kernel_size=1, stride=stride, bias=False),
-                make_batch_norm(planes * self.expansion, bn_branches, 2, eps, momentum),
-            )
+        self.shortcut = _shortcut(in_planes, planes, stride, bn_branches, eps, momentum)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))
@@ -192,10 +200,86 @@ class BasicBlock(nn.Module):
         return self.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """ResNet bottleneck: 1x1 → 3x3 → 1x1 conv with 4x output channels, the stride on the 3x3 conv (torchvision's
+    ResNet v1.5, transformers' ``downsample_in_bottleneck=False``); 1x1 conv + BN shortcut when the shape changes."""
+
+    expansion = 4
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        bn_branches: Sequence[str] = (),
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        out_planes = planes * self.expansion
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=1, bias=False)
+        self.bn1 = make_batch_norm(planes, bn_branches, 2, eps, momentum)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = make_batch_norm(planes, bn_branches, 2, eps, momentum)
+        self.conv3 = nn.Conv2d(planes, out_planes, kernel_size=1, bias=False)
+        self.bn3 = make_batch_norm(out_planes, bn_branches, 2, eps, momentum)
+        self.relu = nn.ReLU(inplace=False)
+        self.shortcut = _shortcut(in_planes, out_planes, stride, bn_branches, eps, momentum)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class WideBasicBlock(nn.Module):
+    """Pre-activation wide basic block as the robustness literature's WideResNets (TRADES, AWP) use it: BN-ReLU
+    before each 3x3 conv, no activation after the sum. When the shape changes the shortcut is a 1x1 conv (no BN)
+    of the *activated* input, else the raw input. No dropout (those WRN-34-10s train with a drop rate of 0)."""
+
+    expansion = 1
+
+    def __init__(
+        self,
+        in_planes: int,
+        planes: int,
+        stride: int = 1,
+        bn_branches: Sequence[str] = (),
+        eps: float = 1e-5,
+        momentum: float = 0.1,
+    ) -> None:
+        super().__init__()
+        self.bn1 = make_batch_norm(in_planes, bn_branches, 2, eps, momentum)
+        self.conv1 = nn.Conv2d(in_planes, planes, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.bn2 = make_batch_norm(planes, bn_branches, 2, eps, momentum)
+        self.conv2 = nn.Conv2d(planes, planes, kernel_size=3, stride=1, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=False)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, kernel_size=1, stride=stride, bias=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        activated = self.relu(self.bn1(x))
+        residual = self.shortcut(activated) if len(self.shortcut) else x
+        out = self.conv1(activated)
+        out = self.conv2(self.relu(self.bn2(out)))
+        return out + residual
+
+
+BLOCK_CLASSES: dict[str, type[nn.Module]] = {
+    "basic": BasicBlock,
+    "bottleneck": Bottleneck,
+    "wide_preact": WideBasicBlock,
+}
+
+
 class ResNetBackbone(nn.Module):
     """ResNet trunk without pooling or classifier; ``forward`` returns the final feature map.
 
-    Module names follow kuangliu/pytorch-cifar and the ACL code (conv1, bn1, layer1..N).
+    Module names follow kuangliu/pytorch-cifar and the ACL code (conv1, bn1, layer1..N). With pre-activation
+    (``wide_preact``) blocks the stem is the conv alone (``bn1`` is None: each block normalises its input) and the
+    trunk ends with BN-ReLU (``bn_final``), so the feature map is activated as with the other blocks.
     """
 
     def __init__(
@@ -208,15 +292,21 @@ class ResNetBackbone(nn.Module):
         bn_branches: Sequence[str] = (),
         eps: float = 1e-5,
         momentum: float = 0.1,
+        block: str = "basic",
+        stem_width: int | None = None,
     ) -> None:
         super().__init__()
+        if block not in BLOCK_CLASSES:
+            raise ValueError(f"block must be one of {list(BLOCK_CLASSES)}, got {block!r}")
         if stem not in ("cifar", "imagenet"):
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
         if len(block_layers) != len(widths) or not widths:
             raise ValueError("block_layers and widths must be non-empty and of equal length")
         self.stem = stem
+        self.block = block
         self.num_stages = len(widths)
-        first = widths[0]
+        pre_activation = block == "wide_preact"
+        first = stem_width if stem_width is not None else 16 if pre_activation else widths[0]
         if stem == "cifar":
             pad = 1 if stem_padding is None else stem_padding
             self.conv1 = nn.Conv2d(num_channels, first, kernel_size=3, stride=1, padding=pad, bias=False)
@@ -225,26 +315,34 @@ class ResNetBackbone(nn.Module):
             pad = 3 if stem_padding is None else stem_padding
             self.conv1 = nn.Conv2d(num_channels, first, kernel_size=7, stride=2, padding=pad, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
-        self.bn1 = make_batch_norm(first, bn_branches, 2, eps, momentum)
+        self.bn1 = None if pre_activation else make_batch_norm(first, bn_branches, 2, eps, momentum)
         self.relu = nn.ReLU(inplace=False)
+        block_class = BLOCK_CLASSES[block]
         in_planes = first
         for i, (n_blocks, width) in enumerate(zip(block_layers, widths)):
             stride = 1 if i == 0 else 2
             blocks = []
             for b in range(n_blocks):
                 block_stride = stride if b == 0 else 1
-                blocks.append(BasicBlock(in_planes, width, block_stride, bn_branches, eps, momentum))
-                in_planes = width * BasicBlock.expansion
+                blocks.append(block_class(in_planes, width, block_stride, bn_branches, eps, momentum))
+                in_planes = width * block_class.expansion
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
+        self.bn_final = make_batch_norm(in_planes, bn_branches, 2, eps, momentum) if pre_activation else None
         self.out_channels = in_planes
 
     def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Stem output followed by the output of every stage (the last one is the feature map)."""
-        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        """Stem output followed by the output of every stage (the last one is the feature map; with pre-activation
+        blocks, after the final BN-ReLU)."""
+        x = self.conv1(x)
+        if self.bn1 is not None:
+            x = self.relu(self.bn1(x))
+        x = self.maxpool(x)
         outputs = [x]
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x)
             outputs.append(x)
+        if self.bn_final is not None:
+            outputs[-1] = self.relu(self.bn_final(outputs[-1]))
         return outputs
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -252,7 +350,10 @@ class ResNetBackbone(nn.Module):
 
 
 __all__ = [
+    "BLOCK_CLASSES",
     "BasicBlock",
+    "Bottleneck",
+    "WideBasicBlock",
     "MultiBatchNorm",
     "ResNetBackbone",
     "bn_branch_names",
