@@ -115,7 +115,7 @@ def test_a_large_jpeg_is_decoded_reduced_and_still_gives_the_crop_at_full_resolu
         top, left, h, w = _torchvision_box(uniforms[0, row].tolist(), 600, 800, (0.5, 0.5), (1.0, 1.0))
         assert (h, w) == (490, 490)
         full = original.crop((left, top, left + w, top + h)).resize((16, 16), PIL.Image.Resampling.BICUBIC)
-        difference = (crops[0, row].permute(1, 2, 0).float() - torch.from_numpy(np.asarray(full)).float()).abs()
+        difference = (crops[0, row].permute(1, 2, 0).float() - torch.from_numpy(np.array(full)).float()).abs()
         # Random pixels are the worst case for a DCT reduction; photos differ far less.
         assert difference.mean() < 12, float(difference.mean())
 
