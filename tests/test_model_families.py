@@ -395,3 +395,14 @@ def test_native_conversion_matches_in_process(block):
     with torch.no_grad():
         got = native(model.normalize(x)).pooler_output.flatten(1)
         assert (got - model(x).pooler_output).abs().max() <= 1e-5
+
+
+def test_an_evaluation_is_never_written_into_a_native_export(tmp_path):
+    from robustcl.evaluation.output import checked_output
+    from robustcl.export_layout import EXPORT_MARKER, NATIVE_FORMAT
+
+    export = tmp_path / "native"
+    export.mkdir()
+    (export / "config.json").write_text(json.dumps({"model_type": "resnet", EXPORT_MARKER: NATIVE_FORMAT}))
+    message = user_error(checked_output, export / "evals" / "eval.json")
+    assert f"the output would be written into the model folder {export}" in message, message

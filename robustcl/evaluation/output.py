@@ -10,7 +10,15 @@ import re
 from pathlib import Path
 
 from ..errors import UserError
-from ..export_layout import CLASSIFIER_DIR, CONFIG_FILE, EVAL_DIR, MODEL_TYPE, REPORT_FILE, read_model_type
+from ..export_layout import (
+    CLASSIFIER_DIR,
+    CONFIG_FILE,
+    EVAL_DIR,
+    MODEL_TYPE,
+    REPORT_FILE,
+    is_export_config,
+    read_model_type,
+)
 from ..run_dir import is_run_dir
 
 # Folders above an output that are checked for being a run directory or an export: enough for the layouts robustcl
@@ -49,7 +57,7 @@ def _check_place(folder: Path, output: Path) -> None:
     folder = Path(os.path.abspath(folder))
     for ancestor in [folder, *folder.parents][:_ANCESTORS_CHECKED]:
         # A robustcl export at any level; any model folder (config.json) as the folder itself.
-        if read_model_type(ancestor) == MODEL_TYPE or (ancestor == folder and (ancestor / CONFIG_FILE).is_file()):
+        if is_export_config(ancestor) or (ancestor == folder and (ancestor / CONFIG_FILE).is_file()):
             raise _refuse(
                 f"the output would be written into the model folder {ancestor}, among its own files",
                 output,
