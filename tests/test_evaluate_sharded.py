@@ -226,3 +226,13 @@ def test_unlabelled_test_split_without_validation_split_is_a_one_line_error(cli,
     assert code == 2 and len(lines) == 1, stderr
     assert "has no labels" in lines[0] and "split 'validation' not found" in lines[0]
     assert "(eval.data.test_split)" in lines[0] and "--set eval.data.test_split=" in lines[0]
+
+
+def test_a_process_holding_no_training_row_still_sizes_the_head():
+    # SLF with fewer finetuning rows than processes: a process owns no row and decoded none.
+    from robustcl.evaluation.finetune import _feature_dim
+    from robustcl.evaluation.rows import HeldRows
+
+    encoder = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 5))
+    nothing = HeldRows(torch.empty((0, 3, 8, 8), dtype=torch.uint8), torch.empty(0, dtype=torch.long))
+    assert _feature_dim(encoder, nothing, torch.empty((0, 0)), torch.device("cpu")) == 5

@@ -199,10 +199,15 @@ def train_features(
     return _encode_rows(encoder, train.images, rows, device, FEATURE_DTYPE, workers, progress)
 
 
+@torch.no_grad()
 def _feature_dim(encoder: nn.Module, images: Pixels, features: torch.Tensor | None, device: torch.device) -> int:
+    """The encoder's feature width: from this process's features, else from one blank image (a process may hold no
+    row of the split at all)."""
     if features is not None and features.shape[1]:
         return int(features.shape[1])
-    return int(_encode_rows(encoder, images, torch.tensor([0]), device, torch.float32).shape[1])
+    r = resolution(images)
+    with module_mode(encoder, False):
+        return int(encoder(torch.zeros((1, 3, r, r), device=device)).shape[1])
 
 
 def _correct_fraction(correct: int, n: int, device: torch.device) -> float:
