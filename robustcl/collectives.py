@@ -20,6 +20,13 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
+def shard_range(n: int, rank: int, size: int, align: int = 1) -> range:
+    """The rows of process ``rank`` of ``size`` among ``n``: contiguous blocks in row order that start at multiples
+    of ``align`` (sizes differ by at most ``align`` rows)."""
+    units = -(-n // align)
+    return range(min(n, units * rank // size * align), min(n, units * (rank + 1) // size * align))
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from every process along dim 0 (rank order), keeping the autograd graph.
 

@@ -1,10 +1,9 @@
-"""Features of a whole uint8 image tensor from any pixels-in-[0, 1] encoder (evaluation heads, k-means clustering)."""
+"""Features of a split's images from any pixels-in-[0, 1] encoder (evaluation heads, k-means clustering)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .attacks import module_mode
 from .data.images import ImageRows, read_chunks
@@ -15,16 +14,6 @@ CHUNK = 512  # images per forward when encoding a dataset
 def pixels(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 images → float pixels in [0, 1] on ``device``."""
     return images.to(device).float() / 255
-
-
-@torch.no_grad()
-def encode(
-    encoder: nn.Module, images: torch.Tensor, device: torch.device, progress: bool = False, chunk: int = CHUNK
-) -> torch.Tensor:
-    """Features of uint8 images, computed in chunks with the encoder in eval mode."""
-    chunks = tqdm(images.split(chunk), desc="features", unit="batch", dynamic_ncols=True, disable=not progress)
-    with module_mode(encoder, False):
-        return torch.cat([encoder(pixels(part, device)) for part in chunks])
 
 
 @torch.no_grad()

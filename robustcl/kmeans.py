@@ -100,13 +100,6 @@ class ProcessGroup(OneProcess):
         return result  # type: ignore[return-value]
 
 
-def shard_range(n: int, rank: int, size: int, align: int = 1) -> range:
-    """The rows of process ``rank`` of ``size`` among ``n``: contiguous blocks in row order that start at multiples
-    of ``align`` (sizes differ by at most ``align`` rows)."""
-    units = -(-n // align)
-    return range(min(n, units * rank // size * align), min(n, units * (rank + 1) // size * align))
-
-
 @dataclass
 class KMeansResult:
     labels: torch.Tensor  # int64 [n], the rows of this process's shard
@@ -247,7 +240,7 @@ def kmeans(
     group: OneProcess | None = None,
 ) -> KMeansResult:
     """Cluster the rows of ``x`` into ``k`` groups on ``x``'s device; under a ``group``, ``x`` is this process's
-    block of the rows (:func:`shard_range`) and every process calls this with the same arguments.
+    block of the rows (:func:`~robustcl.collectives.shard_range`) and every process calls this with the same arguments.
 
     Stops when no label changes or the centroids move less than ``tol`` × the mean squared feature norm. A
     cluster that empties takes the point farthest from its centroid in a cluster of two or more points.

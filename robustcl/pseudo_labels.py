@@ -15,10 +15,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from .collectives import shard_range
 from .data.images import ImageRows
 from .errors import UserError
 from .features import CHUNK, encode_rows
-from .kmeans import OneProcess, kmeans, shard_range
+from .kmeans import OneProcess, kmeans
 
 LABELS_FILE = "pseudo_labels.safetensors"
 

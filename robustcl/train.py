@@ -280,12 +280,12 @@ def _check_data(run_dir: Path, fingerprint: dict[str, Any], allow_change: bool, 
 
 
 def _open_data(
-    recipe: Recipe, run_dir: Path, allow_data_change: bool, accelerator: Accelerator
+    recipe: Recipe, run_dir: Path, allow_data_change: bool, accelerator: Accelerator, originals: bool
 ) -> tuple[OpenedSplit, ImageRows]:
     """The pretraining split, opened (each node's main process first: it prepares the datasets cache), checked
-    against the data the run started with, then decoded or left encoded for streaming (data.loading)."""
+    against the data the run started with, then decoded or left encoded for streaming (data.loading; always streamed
+    when ``originals``: the views are cropped from the original images)."""
     progress = accelerator.is_local_main_process and recipe.logging.progress_bar
-    originals = original_crop_plan(recipe, METHODS[recipe.method.name].original_crops) is not None
     opened = node_main_first(accelerator, lambda: open_pretraining_split(recipe.data, progress))
     # Before any decoding: a resume on other data is refused in seconds.
     error = _check_data(run_dir, opened.fingerprint, allow_data_change, accelerator.is_main_process)
@@ -306,14 +306,15 @@ def _start_session(
     held: ExitStack,
 ) -> Session:
     t, main = recipe.training, accelerator.is_main_process
-    opened, images = _open_data(recipe, run_dir, allow_data_change, accelerator)
+    # Refused before any data is opened when the method cannot take crops of the original images.
+    crops = original_crop_plan(recipe, METHODS[recipe.method.name].original_crops)
+    opened, images = _open_data(recipe, run_dir, allow_data_change, accelerator, crops is not None)
     batches = EpochBatches(
         len(images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
     )
     total_steps = t.max_steps or t.epochs * batches.steps_per_epoch
     workers = recipe.data.workers
     workers = default_workers(processes_on_node(accelerator)) if workers is None else workers
-    crops = original_crop_plan(recipe, METHODS[recipe.method.name].original_crops)
     feed = image_feed(images, batches, accelerator.device, t.data_placement, workers, total_steps, crops)
     held.callback(feed.close)  # its prefetch thread or decoding workers, also when a later start-up check fails
 

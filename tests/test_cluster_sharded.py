@@ -11,8 +11,9 @@ from helpers import BIN, REPO, call_main, cli_env, with_sets
 from safetensors import safe_open
 
 import robustcl.kmeans as km
+from robustcl.collectives import shard_range
 from robustcl.errors import UserError
-from robustcl.kmeans import OneProcess, ProcessGroup, kmeans, shard_range
+from robustcl.kmeans import OneProcess, ProcessGroup, kmeans
 
 # 6 distinct points, 10 copies each, then 150 noisy points around 3 centres.
 CLUSTERS = (1, 4, 9, 23)

@@ -373,9 +373,10 @@ def open_pretraining_split(data: DataConfig, progress: bool = True) -> OpenedSpl
     )  # fmt: skip
 
 
-def choose_loading(data: DataConfig, decoded_bytes: int, processes_on_node: int, originals: bool = False) -> str:
+def choose_loading(data: DataConfig, decoded_bytes: int, processes_on_node: int | None, originals: bool = False) -> str:
     """``data.loading`` resolved: ``auto`` decodes up front when the decoded pixels fit ``data.decoded_max_gb`` and,
     held twice while they are reordered by every process of this node, the available memory; else it streams.
+    ``processes_on_node`` None skips the memory reading (the decoding then refuses, in one line, what does not fit);
     ``originals`` (crops taken from the original images) always streams."""
     if data.loading != "auto":
         return data.loading
@@ -383,6 +384,8 @@ def choose_loading(data: DataConfig, decoded_bytes: int, processes_on_node: int,
         return "streamed"
     if decoded_bytes > data.decoded_max_gb * 1e9:
         return "streamed"
+    if processes_on_node is None:
+        return "decoded"
     available = available_memory()
     if available is not None and 2 * decoded_bytes * processes_on_node > USABLE_SHARE * available:
         return "streamed"

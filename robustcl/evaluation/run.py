@@ -17,7 +17,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast
 
 from ..data.labels import read_labels
-from ..data.loading import ImageData, OpenedSplit, open_images
+from ..data.loading import ImageData, OpenedSplit, choose_loading, open_images
 from ..data.streamed import default_workers
 from ..distributed import check_world_size, on_main_process, processes_on_node
 from ..errors import UserError
@@ -116,9 +116,7 @@ def _open_test(
 def _loading(data: DataConfig, decoded_bytes: int) -> str:
     """``data.loading`` for an evaluation split: ``auto`` decodes up to ``data.decoded_max_gb`` (the decoding then
     refuses, in one line, what does not fit in memory), and streams beyond."""
-    if data.loading != "auto":
-        return data.loading
-    return "decoded" if decoded_bytes <= data.decoded_max_gb * 1e9 else "streamed"
+    return choose_loading(data, decoded_bytes, processes_on_node=None)
 
 
 def _train_pixels(train: _Split, data: DataConfig, fraction: float, seed: int, shard: bool, progress: bool):

@@ -21,21 +21,20 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..collectives import world
+from ..collectives import shard_range, world
 from ..data.batches import BatchRandom
 
 
 def owned_rows(n: int) -> torch.Tensor:
     """This process's contiguous block of rows 0 … n − 1 (the blocks differ in size by at most one)."""
-    rank, size = world()
-    return torch.arange(n * rank // size, n * (rank + 1) // size)
+    block = shard_range(n, *world())
+    return torch.arange(block.start, block.stop)
 
 
 def batch_share(index: torch.Tensor) -> tuple[torch.Tensor, int]:
     """This process's part of a global batch ``index`` (split by position) and where it starts in the batch."""
-    rank, size = world()
-    start, stop = len(index) * rank // size, len(index) * (rank + 1) // size
-    return index[start:stop], start
+    block = shard_range(len(index), *world())
+    return index[block.start : block.stop], block.start
 
 
 def batch_random(seed: int, epoch: int, batch: int, device: torch.device, share: int, offset: int, total: int):
