@@ -50,13 +50,17 @@ def pgd_attack(
     random_start: bool = True,
     generator: torch.Generator | BatchRandom | None = None,
     start: torch.Tensor | None = None,
+    clamp_start: bool = True,
 ) -> torch.Tensor:
     """L∞ projected gradient ascent on ``loss_fn`` around ``x`` (pixels in [0, 1]).
 
     ``loss_fn(x_adv)`` returns the scalar to *maximise*; the caller decides the model's mode and BN branch inside
     it. The start is ``start`` when given (a perturbation, projected into the ball: evaluation passes per-sample
     seeded noise so results do not depend on batching, TRADES passes its small Gaussian), else uniform noise in
-    the ε-ball drawn from ``generator`` (``random_start``), else zero.
+    the ε-ball drawn from ``generator`` (``random_start``), else zero. With ``clamp_start`` the start is clamped into
+    [0, 1] before the first gradient (Madry et al.); without it the first gradient is taken at the unclamped
+    ``x + δ₀`` and only each step's result is clamped, as the contrastive methods' authors do (ACL's
+    ``PGD_contrastive`` in VITA-Group/Adversarial-Contrastive-Learning ``utils.py``; AdvCL's and DynACL's attacks).
 
     Gradients are taken with respect to the perturbation only (``torch.autograd.grad``), so parameter ``.grad``
     fields are never touched and no gradient all-reduce fires inside the attack. No host syncs.
@@ -70,7 +74,8 @@ def pgd_attack(
         delta = (noise * 2 - 1) * epsilon
     else:
         delta = torch.zeros_like(x)
-    delta = (x + delta).clamp_(0, 1) - x
+    if clamp_start:
+        delta = (x + delta).clamp_(0, 1) - x
     for _ in range(steps):
         delta.requires_grad_(True)
         loss = loss_fn(x + delta)
@@ -79,4 +84,4 @@ def pgd_attack(
             delta = delta + step_size * grad.sign()
             delta = delta.clamp_(-epsilon, epsilon)
             delta = (x + delta).clamp_(0, 1) - x
-    return (x + delta).detach()
+    return (x + delta).clamp(0, 1).detach()

@@ -325,6 +325,11 @@ class AttackConfig(Section):
     step_size: PixelFloat = Field(2 / 255, ge=0, description="PGD step (accepts '2/255')")
     steps: int = Field(5, ge=0, description="PGD iterations")
     random_start: bool = Field(True, description="uniform random start inside the ε-ball")
+    clamp_start: bool = Field(
+        False,
+        description="clamp x + δ₀ into [0, 1] before the first gradient; false (the authors' code: ACL's "
+        "PGD_contrastive, AdvCL, DynACL): the first gradient is at the unclamped start, each step is clamped",
+    )
     bn_mode: Literal["eval", "train"] = Field("eval", description="BN mode of the model while attacking")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto",

@@ -77,10 +77,14 @@ def test_module_mode_restores_each_submodule_flag():
 # pgd_attack against a textbook PGD
 
 
-def _reference_pgd(loss_fn, x, noise, eps, alpha, steps):
+def _reference_pgd(loss_fn, x, noise, eps, alpha, steps, clamp_start=True):
     """Madry et al.'s PGD as usually written: x_adv itself is the leaf, the loss goes through ``.backward()``
-    (filling the model's ``.grad`` fields too), and each step is projected onto the ε-box around x and [0, 1]."""
-    x_adv = (x + (noise * 2 - 1) * eps).clamp(0, 1)
+    (filling the model's ``.grad`` fields too), and each step is projected onto the ε-box around x and [0, 1].
+    Without ``clamp_start``, ACL's ``PGD_contrastive`` (VITA-Group/Adversarial-Contrastive-Learning, utils.py):
+    x + uniform(−ε, ε) is attacked as it is, outside [0, 1] where x is at the border."""
+    x_adv = x + (noise * 2 - 1) * eps
+    if clamp_start:
+        x_adv = x_adv.clamp(0, 1)
     for _ in range(steps):
         x_adv = x_adv.detach().requires_grad_()
         loss = loss_fn(x_adv)
@@ -97,9 +101,10 @@ def _encoder() -> nn.Module:
     )
 
 
+@pytest.mark.parametrize("clamp_start", [True, False])
 @pytest.mark.parametrize("source", ["generator", "batch_random"])
 @pytest.mark.parametrize("loss", ["cross_entropy", "nt_xent"])
-def test_pgd_matches_textbook_reference(loss, source):
+def test_pgd_matches_textbook_reference(loss, source, clamp_start):
     eps, alpha, steps, n = 8 / 255, 2 / 255, 5, 16
     data = torch.Generator().manual_seed(5)
     x = torch.rand(n, 3, 8, 8, generator=data, dtype=torch.float32)
@@ -136,8 +141,10 @@ def test_pgd_matches_textbook_reference(loss, source):
 
         noise = random().rand(tuple(x.shape))
 
-    ours = pgd_attack(make_loss(model), x, epsilon=eps, step_size=alpha, steps=steps, generator=random())
-    want = _reference_pgd(make_loss(reference_model), x, noise, eps, alpha, steps)
+    ours = pgd_attack(
+        make_loss(model), x, epsilon=eps, step_size=alpha, steps=steps, generator=random(), clamp_start=clamp_start
+    )
+    want = _reference_pgd(make_loss(reference_model), x, noise, eps, alpha, steps, clamp_start)
 
     assert ours.dtype == want.dtype == torch.float32
     # both compute x + δ in a different association order ((x + δ) + α·s vs x + (δ + α·s)), so equal up to

@@ -167,6 +167,7 @@ class Method(nn.Module):
                 steps=a.steps,
                 random_start=a.random_start,
                 generator=generator,
+                clamp_start=a.clamp_start,
             )
 
     @property
