@@ -9,12 +9,14 @@ evaluation: which of them buys robustness, and at what cost?
 
 Each recipe keeps its own method, views, attack, normalisation and optimiser; all share the encoder (a ResNet with
 one basic block per stage, widths 16–128), the budget (--steps optimizer steps of 128 images) and a warm-up of
-0.1 epochs. Each is then evaluated with `robustcl evaluate RUN --protocol slf --attack-subset N`: a linear head on
-frozen features of the 45,000 training images (5,000 held out to pick the epoch), clean accuracy (SA) on the
-10,000 test images and PGD-20 accuracy (RA; ε 8/255, step 2/255, random start) on the first N of them.
+0.1 epochs. Each is then evaluated with `robustcl evaluate RUN --protocol slf --attack-subset N --preset P`; the
+default preset, robustssl, is the RobustSSL leaderboard's SLF: a zeroed linear head on the frozen encoder trained on
+all 50,000 training images with crop + flip, lr 0.01 (÷10 after epochs 10 and 20), the last of 25 epochs kept; then
+clean accuracy (SA) on the 10,000 test images and PGD-20 accuracy (RA; ε 8/255, step 2/255, random start) on the
+first N of them.
 
 Usage:  python benchmarks/cifar10_methods.py [--data ../shared/datasets/cifar10] [--runs runs/cifar10_methods]
-        [--steps 300] [--attack-subset 1000] [--only simclr,acl,...]
+        [--steps 300] [--attack-subset 1000] [--preset robustssl] [--only simclr,acl,...]
         [--out benchmarks/results/cifar10_methods.json]
 A run directory that already holds a summary and an SLF eval.json is reported as it is (nothing is re-run).
 """
@@ -32,6 +34,7 @@ COMMON = [
     "model.widths=[16,32,64,128]",
     f"training.batch_size={BATCH}",
     "schedule.warmup_epochs=0.1",
+    "schedule.unit=step",  # the run is shorter than an epoch: a per-epoch lr (DynACL, DeACL, SimCLR) would never move
     "training.checkpoint_every=100",
     "logging.every_steps=20",
 ]
@@ -55,6 +58,7 @@ def main() -> None:
     parser.add_argument("--runs", type=Path, default=Path("runs/cifar10_methods"))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--attack-subset", type=int, default=1000)
+    parser.add_argument("--preset", default="robustssl", help="evaluation preset (robustcl evaluate --preset)")
     parser.add_argument("--only", default=",".join(METHODS), help="comma-separated subset of " + ", ".join(METHODS))
     parser.add_argument("--out", type=Path, default=REPO / "benchmarks/results/cifar10_methods.json")
     args = parser.parse_args()
@@ -65,7 +69,7 @@ def main() -> None:
         sets = [f"data.path={args.data}", f"training.max_steps={args.steps}", *COMMON]
         sets += _extra(name, args.runs, args.steps, 50_000)
         pretrain = ["robustcl", "pretrain", f"recipes/{name}.yaml", *[a for s in sets for a in ("--set", s)]]
-        results[name] = pretrain_and_evaluate(pretrain, run_dir, args.attack_subset)
+        results[name] = pretrain_and_evaluate(pretrain, run_dir, args.attack_subset, args.preset)
     write_results(args.out, results)
     for name, r in results.items():
         print(

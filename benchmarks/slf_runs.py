@@ -20,12 +20,15 @@ def _run(cmd: list[str]) -> None:
     subprocess.run([str(Path(sys.executable).parent / cmd[0]), *cmd[1:]], cwd=REPO, check=True)
 
 
-def pretrain_and_evaluate(pretrain: list[str], run_dir: Path, attack_subset: int) -> dict[str, Any]:
+def pretrain_and_evaluate(
+    pretrain: list[str], run_dir: Path, attack_subset: int, preset: str | None = None
+) -> dict[str, Any]:
     """Run ``pretrain`` (a robustcl command without --output-dir) into ``run_dir`` (relative to the repository
-    root) and `robustcl evaluate RUN --protocol slf --attack-subset N`, unless the run directory already holds a
-    summary and an SLF eval.json; return the record of its figures."""
+    root) and `robustcl evaluate RUN --protocol slf --attack-subset N [--preset P]`, unless the run directory already
+    holds a summary and an SLF eval.json; return the record of its figures."""
     files = REPO / run_dir
     evaluate = ["robustcl", "evaluate", str(run_dir), "--protocol", "slf", "--attack-subset", str(attack_subset)]
+    evaluate += ["--preset", preset] if preset else []
     if not ((files / "summary.json").is_file() and (files / "eval" / "slf" / "eval.json").is_file()):
         _run([*pretrain, "--output-dir", str(run_dir)])
         _run(evaluate)
@@ -40,6 +43,7 @@ def pretrain_and_evaluate(pretrain: list[str], run_dir: Path, attack_subset: int
         "SA_attacked_subset": report["SA_attacked_subset"],
         "RA": report["RA"],
         "curve": {f"{p['epsilon'] * 255:g}/255": p["accuracy"] for p in report["curve"]},
+        "preset": report.get("preset"),
         "split_sizes": report["split_sizes"],
         "selected_epoch": report["finetune"]["selected_epoch"],
         "pretrain_wall_time_s": round(summary["wall_time_s"], 1),

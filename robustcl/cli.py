@@ -108,7 +108,9 @@ def evaluate(
         str | None,
         typer.Option(
             help="slf: frozen encoder, linear head on clean data; alf: frozen encoder, head trained on PGD-10 "
-            "examples; aff: whole network, TRADES. Default: the recipe's eval.protocol (slf).",
+            "examples; aff: whole network, TRADES; all: the three in turn, each into its own folder (--output: a "
+            "folder), and their mean (the RobustSSL leaderboard's ensemble) in ensemble.json beside them. Default: "
+            "the recipe's eval.protocol (slf).",
             show_default=False,
         ),
     ] = None,
@@ -156,30 +158,48 @@ def evaluate(
         bool,
         typer.Option(help="Allow a Hub model's own Python code to run (robustcl models never need it)."),
     ] = False,
+    preset: Annotated[
+        str | None,
+        typer.Option(
+            help="Finetuning settings of a reference script: robustssl (the RobustSSL leaderboard: last epoch "
+            "kept), acl, advcl, deacl, dynacl (the methods' own scripts) or robustcl (epoch picked on a validation "
+            "split, never on the test split). Keys set with --set or in the recipe still win. Default: the "
+            "recipe's eval.preset (robustssl).",
+            show_default=False,
+        ),
+    ] = None,
 ) -> None:
-    """Finetune a classifier on the encoder with a protocol (SLF / ALF / AFF; epoch chosen on a validation split
-    carved from the training split) and measure clean (SA), PGD-20 (RA) and AutoAttack (AA) accuracy on the test
-    split. Writes eval.json and an accuracy-vs-epsilon PNG. Works under `accelerate launch` (the test set is
-    sharded over processes)."""
+    """Finetune a classifier on the encoder with a protocol (SLF / ALF / AFF, set up as --preset's reference script
+    does) and measure clean (SA), PGD-20 (RA) and AutoAttack (AA) accuracy on the test split. Writes eval.json and an
+    accuracy-vs-epsilon PNG. Works under `accelerate launch` (the test set is sharded over processes)."""
     from .evaluation import evaluate as run_evaluate
     from .evaluation import format_table
+    from .evaluation.ensemble import ALL, format_ensemble, planned_outputs, write_ensemble
     from .recipe import load_recipe
 
-    report = run_evaluate(
-        model,
-        protocol=protocol,
-        attacks=[a.strip() for a in attack.split(",") if a.strip()] if attack is not None else None,
-        overrides=set_,
-        recipe=load_recipe(recipe) if recipe is not None else None,
-        output=output,
-        attack_subset=attack_subset,
-        bn_branch=bn_branch,
-        trust_remote_code=trust_remote_code,
-    )
-    if _is_main_process():
-        typer.echo("\n" + format_table(report))
-        curve = f" and {report['curve_png']}" if report["curve_png"] else ""
-        typer.echo(f"robustcl: wrote {report['output']}{curve}")
+    reports = []
+    for protocol_run, output_run in planned_outputs(protocol, output):  # --protocol all: slf, alf, aff in turn
+        report = run_evaluate(
+            model,
+            protocol=protocol_run,
+            attacks=[a.strip() for a in attack.split(",") if a.strip()] if attack is not None else None,
+            overrides=set_,
+            recipe=load_recipe(recipe) if recipe is not None else None,
+            output=output_run,
+            attack_subset=attack_subset,
+            bn_branch=bn_branch,
+            trust_remote_code=trust_remote_code,
+            preset=preset,
+        )
+        reports.append(report)
+        if _is_main_process():
+            typer.echo("\n" + format_table(report))
+            curve = f" and {report['curve_png']}" if report["curve_png"] else ""
+            typer.echo(f"robustcl: wrote {report['output']}{curve}")
+    if protocol == ALL and _is_main_process():
+        figures, path = write_ensemble(reports)
+        typer.echo("\n" + format_ensemble(figures))
+        typer.echo(f"robustcl: wrote {path}")
 
 
 @app.command()
@@ -285,10 +305,12 @@ def cluster(
     method.advcl.clusters. Writes one safetensors file that records which images it labels; point the recipe at it
     with method.advcl.pseudo_labels."""
     from .data.loading import open_pretraining_split, pretraining_images
-    from .pseudo_labels import LABELS_FILE, compute_pseudo_labels, save_pseudo_labels
+    from .pseudo_labels import LABELS_FILE, check_labels_output, compute_pseudo_labels, save_pseudo_labels
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_)
+    target = output or Path(loaded.method.advcl.pseudo_labels or LABELS_FILE)
+    check_labels_output(target, "--output" if output else "method.advcl.pseudo_labels")
     images = pretraining_images(open_pretraining_split(loaded.data), loaded.data)
     from .evaluation.backbone import load_model
 
@@ -302,7 +324,7 @@ def cluster(
         normalize=normalize,
         batch_size=batch_size,
     )
-    path = save_pseudo_labels(output or Path(loaded.method.advcl.pseudo_labels or LABELS_FILE), labels)
+    path = save_pseudo_labels(target, labels)
     sizes = ", ".join(f"K={k}: {int(v.bincount().count_nonzero())} clusters" for k, v in labels.labels.items())
     typer.echo(f"robustcl: pseudo-labels of {len(images)} images ({sizes}) written to {path}")
 

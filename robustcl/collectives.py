@@ -33,7 +33,9 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     The backward sends each process the gradient of *all* processes' losses with respect to its rows (summed over
     ranks). With DDP's or DeepSpeed's gradient averaging on top, N processes each computing the mean loss of
     their own anchors against the gathered keys produce the gradient of the mean over all anchors: what one
-    process with the whole batch computes. ``accelerator.gather`` carries no gradient, hence this.
+    process with the whole batch computes. An attack's input gradient is averaged by nothing, so its loss is each
+    process's share of the global one instead (``losses.multi_positive_nt_xent``, ``across_processes="share"``).
+    ``accelerator.gather`` carries no gradient, hence this.
     """
     _, size = world()
     if size == 1:

@@ -280,7 +280,7 @@ def load_run_encoder(run_dir: Path, bn_branch: str | None = None) -> tuple[Robus
     """The newest checkpoint's encoder as a plain-BN model (eval mode), its recipe and the branch kept."""
     method, recipe, _ = _method_from_run(run_dir)
     branch = _branch_for(method, recipe, bn_branch)
-    return single_branch_encoder(method.encoder, branch), recipe, branch
+    return single_branch_encoder(method.downstream_encoder, branch), recipe, branch
 
 
 @dataclass
@@ -366,7 +366,7 @@ def export_run(
     checked_format(export_format, classifier)
     method, recipe, compute = _method_from_run(run_dir)
     branch = _branch_for(method, recipe, bn_branch)
-    encoder = single_branch_encoder(method.encoder, branch)
+    encoder = single_branch_encoder(method.downstream_encoder, branch)
     if export_format == NATIVE_FORMAT:
         check_native(encoder.config)
     fingerprint = weights_sha256(encoder)
@@ -383,7 +383,7 @@ def export_run(
         license=recipe.export.license,
         model=model,
         resolution=recipe.data.resolution,
-        bn_branch=branch if method.encoder.config.bn_branches else None,
+        bn_branch=branch if method.downstream_encoder.config.bn_branches else None,
         method=method,
         recipe=recipe,
         compute=compute,

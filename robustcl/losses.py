@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
 from .collectives import gather_with_grad, world
 
+# How a contrastive loss treats the other processes (see multi_positive_nt_xent): False, True (training) or
+# "share" (attacks).
+AcrossProcesses = bool | Literal["share"]
+
 
 def multi_positive_nt_xent(
-    views: Sequence[torch.Tensor], temperature: float, scale: float = 1.0, across_processes: bool = False
+    views: Sequence[torch.Tensor], temperature: float, scale: float = 1.0, across_processes: AcrossProcesses = False
 ) -> torch.Tensor:
     """Contrastive loss over V views of N images (SupCon without labels; SimCLR's NT-Xent when V = 2).
 
@@ -21,15 +26,21 @@ def multi_positive_nt_xent(
     Returns the mean over anchors.
 
     ``across_processes``: the keys are the views of the *global* batch (every process's rows, gathered with
-    gradient), the anchors this process's rows, its positives found at their global rows (rank × N + i). Under
-    DDP gradient averaging this equals the loss and gradients of one process holding the whole batch. Attacks
-    leave it off: they maximise the loss of the process's own batch and need no communication.
+    gradient), the anchors this process's rows, its positives found at their global rows (rank × N + i). True
+    (training): the mean over this process's anchors; under DDP gradient averaging this equals the loss and
+    gradients of one process holding the whole batch. ``"share"`` (attacks, attack.negatives: global): this
+    process's share of the global loss, the sum over its anchors divided by the global anchor count. The
+    processes' values sum to the global loss, and as the gather's backward sums over processes and nothing
+    averages an input gradient afterwards, the gradient w.r.t. this process's rows is exactly the one the global
+    loss gives them in one process. False: this process's rows only (attack.negatives: local; no communication).
     """
     shapes = {tuple(v.shape) for v in views}
     if len(views) < 2 or len(shapes) != 1:
         raise ValueError(f"need at least two view feature tensors of one shape, got {sorted(shapes)}")
     n, v = views[0].shape[0], len(views)
-    local = F.normalize(torch.stack(list(views)).float(), dim=2)  # [V, n, d]
+    stacked = torch.stack(list(views))
+    # At least float32 (features come in bf16 under mixed precision); float64 features stay float64.
+    local = F.normalize(stacked.to(torch.promote_types(stacked.dtype, torch.float32)), dim=2)  # [V, n, d]
     rank, size = world() if across_processes else (0, 1)
     keys = local
     if size > 1:
@@ -46,17 +57,19 @@ def multi_positive_nt_xent(
     log_prob = logits - torch.logsumexp(logits.masked_fill(self_mask, float("-inf")), dim=1, keepdim=True)
     positives = (image[:, None] == key_image[None, :]) & ~self_mask
     mean_log_prob_pos = (log_prob * positives).sum(1) / (v - 1)
+    if across_processes == "share":
+        return -scale * mean_log_prob_pos.sum() / (v * total)
     return -scale * mean_log_prob_pos.mean()
 
 
 def nt_xent(
-    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, across_processes: bool = False
+    z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5, across_processes: AcrossProcesses = False
 ) -> torch.Tensor:
     """SimCLR's NT-Xent: row i of ``z1`` and row i of ``z2`` are a positive pair, every other row a negative.
 
     Cosine similarity divided by ``temperature``; each of the 2N anchors is scored against the 2N − 1 others
     (its own similarity removed); the loss is the mean over the 2N anchors. ``across_processes``: negatives from
-    every process (see :func:`multi_positive_nt_xent`).
+    every process, for training (True) or an attack ("share"; see :func:`multi_positive_nt_xent`).
     """
     if z1.shape != z2.shape:
         raise ValueError(f"view features differ in shape: {tuple(z1.shape)} vs {tuple(z2.shape)}")

@@ -193,7 +193,7 @@ def _evaluation_rows(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for e in evaluations:
         rows.append(
             {
-                "protocol": e["protocol"].upper(),
+                "protocol": e["protocol"].upper() + (f" ({_md(e['preset'])} preset)" if e.get("preset") else ""),
                 "dataset": _md(dataset_display(e["dataset"]["path"]) + f" ({e['dataset']['test_split']})"),
                 "epsilon": _eps(e["epsilon"]),
                 "SA": _pct(e["SA"]),
@@ -205,7 +205,31 @@ def _evaluation_rows(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "epochs": e["finetune"]["epochs"],
             }
         )
-    return rows
+    return rows + _ensemble_row(evaluations)
+
+
+def _ensemble_row(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The RobustSSL leaderboard's ensemble (mean of SLF, ALF and AFF) when the card has one evaluation of each."""
+    from .evaluation.ensemble import card_ensemble
+
+    figures = card_ensemble(evaluations)
+    if figures is None:
+        return []
+    first = evaluations[0]
+    return [
+        {
+            "protocol": "Ensemble (mean of SLF, ALF, AFF)",
+            "dataset": _md(dataset_display(first["dataset"]["path"]) + f" ({figures['test_split']})"),
+            "epsilon": _eps(figures["epsilon"]),
+            "SA": _pct(figures["SA"]),
+            "RA": _pct(figures["RA"]),
+            "AA": _pct(figures["AA"]),
+            "test_images": first["split_sizes"]["test"],
+            "attacked": first["split_sizes"]["attacked"],
+            "selected_epoch": "–",
+            "epochs": "–",
+        }
+    ]
 
 
 def _threat(evaluations: list[dict[str, Any]]) -> dict[str, str]:

@@ -2,7 +2,8 @@
 
 The file (safetensors) holds ``k{K}`` int64 [N] for each K, and metadata: the SHA-256 of the decoded uint8
 images they were computed on (so a label file cannot silently be used with another dataset, split, order or
-resolution), the encoder reference, the seed and whether features were L2-normalised.
+resolution), the encoder reference, the seed and whether features were L2-normalised. The AdvCL authors' pickle
+(``.pkl``) is accepted too, read by :mod:`robustcl.pseudo_label_pickle`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .data.images import ImageRows
 from .errors import UserError
 from .features import CHUNK, encode_rows
 from .kmeans import OneProcess, kmeans
+from .pseudo_label_pickle import PICKLE_SUFFIXES, read_label_pickle
 
 LABELS_FILE = "pseudo_labels.safetensors"
 
@@ -94,6 +96,18 @@ def _encode_shard(
     return torch.nn.functional.normalize(features, dim=1) if normalize else features
 
 
+def check_labels_output(path: Path, where: str) -> None:
+    """``robustcl cluster`` writes safetensors: never under a pickle's name, where it would replace the authors'
+    file and then be read as a pickle."""
+    if Path(path).suffix.lower() in PICKLE_SUFFIXES:
+        raise UserError(
+            f"robustcl cluster writes a safetensors labels file, not a pickle: {Path(path).name} would be replaced "
+            "and then misread",
+            where,
+            "give the labels file a .safetensors name with -o FILE.safetensors",
+        )
+
+
 def save_pseudo_labels(path: Path, result: PseudoLabels) -> Path:
     """Write atomically (a temporary file renamed into place)."""
     from safetensors.torch import save_file
@@ -113,9 +127,8 @@ def save_pseudo_labels(path: Path, result: PseudoLabels) -> Path:
 
 
 def load_pseudo_labels(path: Path, clusters: Sequence[int], images: ImageRows) -> torch.Tensor:
-    """Labels [len(clusters), N] for these exact images, or a UserError that says what does not match."""
-    from safetensors import safe_open
-
+    """Labels [len(clusters), N] for these exact images, or a UserError that says what does not match. A ``.pkl``
+    file is read as the AdvCL authors' pickle (:mod:`robustcl.pseudo_label_pickle`)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(
@@ -124,6 +137,21 @@ def load_pseudo_labels(path: Path, clusters: Sequence[int], images: ImageRows) -
             "write it with robustcl cluster RECIPE --encoder MODEL, or unset method.advcl.pseudo_labels and set "
             "method.advcl.cluster_encoder to compute them at the start of pretraining",
         )
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        # The authors' file: rows in dataset order, no image fingerprint to compare (only the count is checked).
+        stacked = read_label_pickle(path, clusters, len(images))
+    else:
+        stacked = _read_label_file(path, clusters, images)
+    for k, row in zip(clusters, stacked):
+        if int(row.min()) < 0 or int(row.max()) >= k:
+            raise UserError(f"pseudo-labels for K = {k} are outside 0..{k - 1}", str(path), "re-create the file")
+    return stacked
+
+
+def _read_label_file(path: Path, clusters: Sequence[int], images: ImageRows) -> torch.Tensor:
+    """The labels of a robustcl cluster file, checked to belong to exactly these images."""
+    from safetensors import SafetensorError, safe_open
+
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -137,7 +165,7 @@ def load_pseudo_labels(path: Path, clusters: Sequence[int], images: ImageRows) -
                     "re-run robustcl cluster with the recipe's method.advcl.clusters",
                 )
             stacked = torch.stack([f.get_tensor(f"k{k}").long() for k in clusters])
-    except (OSError, ValueError, RuntimeError):  # safetensors raises these on a damaged file
+    except (OSError, ValueError, RuntimeError, SafetensorError):  # safetensors raises these on a damaged file
         raise UserError("cannot read the pseudo-label file", str(path), "re-create it with robustcl cluster") from None
     if stacked.shape[1] != len(images) or metadata.get("images_sha256") != images.identity():
         raise UserError(
@@ -146,7 +174,4 @@ def load_pseudo_labels(path: Path, clusters: Sequence[int], images: ImageRows) -
             str(path),
             "re-run robustcl cluster with this recipe's data section",
         )
-    for k, row in zip(clusters, stacked):
-        if int(row.min()) < 0 or int(row.max()) >= k:
-            raise UserError(f"pseudo-labels for K = {k} are outside 0..{k - 1}", str(path), "re-create the file")
     return stacked

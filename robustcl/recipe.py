@@ -17,9 +17,11 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_serializer,
     model_validator,
 )
 
@@ -109,6 +111,24 @@ class AugmentConfig(Section):
     )
     jitter_p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter")
     grayscale_p: float = Field(0.2, ge=0, le=1, description="probability of converting to grayscale")
+    blur_p: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        (0.0, 0.0),
+        description="probability of blurring the first and the second SimCLR view with PIL's GaussianBlur(radius=σ) "
+        "(after grayscale), as solo-learn's per-view pipelines (solo/utils/contrastive_dataloader.py); one number: "
+        "both views; read by method simclr",
+    )
+    # A σ beyond the largest image side only flattens the image.
+    blur_sigma: tuple[
+        Annotated[float, Field(ge=0, le=MAX_RESOLUTION)], Annotated[float, Field(ge=0, le=MAX_RESOLUTION)]
+    ] = Field(
+        (0.1, 2.0), description="the blur's σ, uniform in [low, high] per image (solo-learn GaussianBlur: [0.1, 2.0])"
+    )
+    solarize_p: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+        (0.0, 0.0),
+        description="probability of solarising (PIL ImageOps.solarize: grey levels ≥ 128 inverted) the first and "
+        "the second SimCLR view (after the blur), as solo-learn's per-view pipelines (asymmetric: [0.0, 0.2]); "
+        "one number: both views; read by method simclr",
+    )
     weak_padding: int = Field(4, ge=0, description="weak view (AdvCL, DeACL): RandomCrop with this zero padding + flip")
     crop_on: Literal["decoded", "original"] = Field(
         "decoded",
@@ -116,7 +136,19 @@ class AugmentConfig(Section):
         "sampled on each image's own width × height and taken by the data workers (ImageNet; streams the data)",
     )
 
-    @field_validator("crop_scale", "crop_ratio")
+    @field_validator("blur_p", "solarize_p", mode="before")
+    @classmethod
+    def _one_per_view(cls, value: Any) -> Any:
+        # One number is both views' probability, as solo-learn replicates a single value to every pipeline.
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return [value, value]
+        if isinstance(value, (list, tuple)) and len(value) == 1:
+            return [value[0], value[0]]
+        if isinstance(value, (list, tuple)) and len(value) != 2:
+            raise ValueError(f"must be [first view, second view] or one number for both, got {list(value)}")
+        return value
+
+    @field_validator("crop_scale", "crop_ratio", "blur_sigma")
     @classmethod
     def _low_at_most_high(cls, pair: tuple[float, float]) -> tuple[float, float]:
         if pair[0] > pair[1]:
@@ -238,6 +270,17 @@ class SimCLROptions(Section):
 
     projector_hidden_dim: int = Field(2048, gt=0, description="projector hidden width (solo-learn CIFAR: 2048)")
     projector_dim: int = Field(256, gt=0, description="projector output width (solo-learn CIFAR: 256)")
+    projector_bn: bool = Field(
+        True,
+        description="BatchNorm after the projector's hidden layer (fc → BN → ReLU → fc); false: fc → ReLU → fc, "
+        "as solo-learn's solo/methods/simclr.py (recipes/simclr.yaml). true is the projector of runs recorded "
+        "before this key",
+    )
+    bn_per_view: bool = Field(
+        False,
+        description="encode each view in a forward pass of its own, so BatchNorm normalises a view by its own "
+        "statistics, as solo-learn's BaseMethod.training_step (solo/methods/base.py); false: both views in one pass",
+    )
 
 
 class AdvCLOptions(Section):
@@ -245,8 +288,11 @@ class AdvCLOptions(Section):
 
     pseudo_labels: str | None = Field(
         None,
-        description="labels file written by robustcl cluster; default: computed at the start of pretrain from "
-        "cluster_encoder into RUN_DIR/pseudo_labels.safetensors",
+        description="labels file written by robustcl cluster, or the authors' pickle (.pkl: pseudo_train_K arrays, "
+        "LijieFan/AdvCL data/imagenet_clPretrain_pseudo_labels.pkl; read as numpy arrays only; its rows are taken "
+        "as the dataset's rows in order, only their count checked: the authors' file needs CIFAR-10 in torchvision's "
+        "order, which uoft-cs/cifar10 is not); default: computed at the start of pretrain from cluster_encoder into "
+        "RUN_DIR/pseudo_labels.safetensors",
     )
     cluster_encoder: str | None = Field(
         None, description="encoder whose features are clustered when pseudo_labels is not given (run, export, Hub id)"
@@ -293,6 +339,12 @@ class DynACLOptions(Section):
         description="authors' code: the second view goes through an EMA copy of encoder and head with this "
         "momentum (quirk); null: both views through the same encoder, as in the paper",
     )
+    export_encoder: Literal["momentum", "online"] = Field(
+        "momentum",
+        description="encoder exported and evaluated: momentum (the EMA copy, as PKU-ML/DYNACL train_DynACL.py saves "
+        "model_encoder_k.pt for test_LF.py / LPAFT.py and validates encoder_k) or online (the trained one); "
+        "with momentum null there is only the online one, which is exported either way",
+    )
 
 
 class MethodConfig(Section):
@@ -331,9 +383,21 @@ class AttackConfig(Section):
         "PGD_contrastive, AdvCL, DynACL): the first gradient is at the unclamped start, each step is clamped",
     )
     bn_mode: Literal["eval", "train"] = Field("eval", description="BN mode of the model while attacking")
+    negatives: Literal["global", "local"] = Field(
+        "global",
+        description="the negatives of the attacked contrastive loss (acl, advcl, dynacl; deacl's attack has none, "
+        "simclr no attack) on several processes. global: every process's images, gathered in each PGD step, so "
+        "the attack is the one process would run on the whole batch, as the authors' attacks see the whole batch "
+        "(ACL train_simCLR.py and DynACL train_DynACL.py PGD_contrastive on one GPU, AdvCL pretraining_advCL.py "
+        "AttackPGD over nn.DataParallel); one all-gather of the embeddings per PGD step. local: this process's "
+        "images only (batch_size / processes negatives, no communication, faster)",
+    )
+    # fp32 until a GPU measurement shows the bf16 attack costs ≤ 0.5 points of RA: under autocast the first
+    # convolution sees the perturbed image in bf16, which quantises a 2/255 step (issue 20).
     precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto",
-        description="auto: as training.precision; fp32: full precision even under mixed-precision training; "
+        "fp32",
+        description="auto: as training.precision; fp32: full precision even under mixed-precision training (the "
+        "authors train in fp32); "
         "bf16: the attack's passes under bf16 autocast (the perturbation stays fp32)",
     )
 
@@ -343,7 +407,30 @@ class OptimizerConfig(Section):
     lr: float = Field(5.0, gt=0, description="peak learning rate (of reference_batch_size with lr_scaling)")
     weight_decay: float = Field(1e-6, ge=0, description="L2 weight decay (all parameters)")
     momentum: float = Field(0.9, ge=0, lt=1, description="momentum")
-    trust_coefficient: float = Field(1e-3, gt=0, description="LARS trust coefficient η")
+    trust_coefficient: float = Field(
+        1e-3, gt=0, description="LARS trust coefficient η (ACL: 1e-3; solo-learn CIFAR SimCLR: 0.02)"
+    )
+    trust_eps: float = Field(
+        0.0,
+        ge=0,
+        description="LARS: added to the trust ratio's denominator ‖g‖ + wd‖w‖ (solo-learn solo/utils/lars.py: "
+        "1e-8; ACL optimizer/lars.py: none)",
+    )
+    exclude_bias_and_norm: bool = Field(
+        False,
+        description="LARS: 1-D tensors (biases, BatchNorm weights and biases) step by lr·g, with neither trust "
+        "ratio nor weight decay (solo-learn exclude_bias_n_norm); false: every tensor is adapted and decayed (ACL)",
+    )
+    clip_lr: bool = Field(
+        False,
+        description="LARS: the trust ratio is clipped to min(ratio / lr, 1), so no tensor steps faster than lr "
+        "(solo-learn clip_lr / grad_clip_lars); false: unclipped (ACL)",
+    )
+    lr_outside_momentum: bool = Field(
+        False,
+        description="LARS: the momentum buffer sums trust·(g + wd·w) and each step moves w by lr·buffer (torch SGD, "
+        "as solo-learn's LARS); false: the buffer sums lr·trust·(g + wd·w) (ACL). Equal while lr is constant",
+    )
     nesterov: bool = Field(False, description="Nesterov momentum (sgd only)")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field(
         "none",
@@ -365,9 +452,30 @@ class OptimizerConfig(Section):
 
 
 class ScheduleConfig(Section):
-    name: Literal["cosine", "constant"] = Field("cosine", description="per-step learning-rate schedule")
+    name: Literal["cosine", "constant"] = Field("cosine", description="learning-rate schedule after the warm-up")
     warmup_epochs: float = Field(10, ge=0, description="linear warm-up length in epochs")
     min_lr: float = Field(1e-6, ge=0, description="final learning rate of the cosine")
+    unit: Literal["step", "epoch"] = Field(
+        "step",
+        description="how often the lr changes: step (every optimizer step, as ACL's train_simCLR.py) or epoch "
+        "(held for a whole epoch and set at its start from the epoch index, as DynACL's train_DynACL.py and "
+        "DeACL's Lightning scheduler step it); either way a function of the step, so resuming is exact",
+    )
+    warmup_start_lr: float | None = Field(
+        None,
+        ge=0,
+        description="lr of the first warm-up step (or epoch), rising linearly to the peak at the warm-up's last one "
+        "(pl_bolts LinearWarmupCosineAnnealingLR, DeACL: 0.003); null: peak / warm-up length (ACL, DynACL)",
+    )
+
+    @model_validator(mode="after")
+    def _whole_warmup_epochs(self) -> ScheduleConfig:
+        if self.unit == "epoch" and self.warmup_epochs != int(self.warmup_epochs):
+            raise ValueError(
+                f"schedule.warmup_epochs must be a whole number of epochs with schedule.unit epoch, got "
+                f"{self.warmup_epochs:g}"
+            )
+        return self
 
 
 class TrainingConfig(Section):
@@ -454,7 +562,8 @@ class EvalDataConfig(Section):
 
 
 class FinetuneConfig(Section):
-    """One finetuning protocol: optimiser, schedule, training attack and model selection."""
+    """One finetuning protocol: optimiser, schedule, training attack and model selection. Every key not set is filled
+    by eval.preset (robustcl/evaluation/presets.py names the script each preset follows)."""
 
     epochs: int = Field(25, gt=0, description="finetuning epochs")
     batch_size: int = Field(512, gt=0, description="finetuning batch size")
@@ -463,18 +572,61 @@ class FinetuneConfig(Section):
     weight_decay: float = Field(2e-4, ge=0, description="SGD weight decay")
     milestones: list[int] = Field([15, 20], description="epochs after which the lr is multiplied by gamma")
     gamma: float = Field(0.1, gt=0, description="lr decay factor at each milestone")
-    train_encoder: bool = Field(False, description="train the encoder too (AFF); else it stays frozen, eval mode")
+    train_encoder: bool = Field(False, description="train the encoder too (AFF); else it stays frozen")
     augment: bool = Field(False, description="random crop (pad 4) + horizontal flip of the training images")
+    bn_mode: Literal["auto", "eval", "train"] = Field(
+        "auto",
+        description="the encoder's BatchNorm in the training passes. eval: running statistics, never changed; train: "
+        "batch statistics, the running ones follow the finetuning data, also of a frozen encoder (DeACL "
+        "adv_finetune.py); auto: train when the encoder trains, else eval",
+    )
+    head_init: Literal["default", "zeros"] = Field(
+        "default",
+        description="the linear head's start. zeros: weight and bias 0 (the scripts of RobustSSL_Benchmark, DynACL "
+        "and ACL load a zeroed fc); default: nn.Linear's seeded random initialisation",
+    )
     train_attack: Literal["none", "pgd", "trades"] = Field(
         "none", description="none: clean CE; pgd: CE on PGD examples; trades: CE + beta·KL on KL-PGD examples"
     )
     trades_beta: float = Field(6.0, ge=0, description="TRADES robustness weight")
-    attack_steps: int = Field(10, ge=0, description="steps of the training attack (and of robust selection)")
+    attack_steps: int = Field(10, ge=0, description="steps of the training attack")
     epsilon: PixelFloat = Field(8 / 255, ge=0, description="L∞ radius of the training attack")
     step_size: PixelFloat = Field(2 / 255, ge=0, description="step of the training attack")
-    select_by: Literal["clean", "robust"] = Field(
-        "clean", description="validation accuracy used to pick the epoch: clean, or under the training attack"
+    clamp_start: bool = Field(
+        True,
+        description="the training attack's start x + δ₀ is clamped into [0, 1] before the first gradient; false (the "
+        "reference finetuning scripts): the first gradient is at the unclamped start, each step is clamped",
     )
+    trades_random_start: bool = Field(
+        True,
+        description="TRADES' KL attack starts at x + 0.001·N(0, 1) (TRADES, ACL, DeACL, RobustSSL_Benchmark); false: "
+        "at x itself (DynACL utils.py trades_loss_dual)",
+    )
+    trades_target: Literal["shared", "separate"] = Field(
+        "shared",
+        description="TRADES' KL target softmax(f(x)): shared: from the CE's own forward pass; separate: from one more "
+        "clean pass, as DeACL trades/trades.py computes it (the same values; in BN train mode the running statistics "
+        "move once more)",
+    )
+    dual_bn: bool = Field(
+        False,
+        description="TRADES with two BatchNorm branches: clean images through 'normal', adversarial ones through "
+        "'pgd' (RobustSSL_Benchmark / DynACL trades_loss_dual); the classifier keeps 'pgd'. 'normal' starts from a "
+        "run directory's 'normal' branch when it has one, else as a copy of the evaluated branch",
+    )
+    select_by: Literal["clean", "robust", "final"] = Field(
+        "clean",
+        description="which epoch's weights are kept. clean / robust: best accuracy on the validation split (carved "
+        "from the training split: eval.data.val_fraction) clean or under PGD; final: the last epoch, no validation "
+        "split (the whole training split trains, as the reference scripts do)",
+    )
+    select_attack_steps: int | None = Field(
+        None, ge=0, description="PGD steps of robust selection (null: attack_steps; ACL and AdvCL validate with 20)"
+    )
+
+    def encoder_bn_train(self) -> bool:
+        """Whether the encoder's BatchNorm runs in train mode (batch statistics) in the training passes."""
+        return self.train_encoder if self.bn_mode == "auto" else self.bn_mode == "train"
 
 
 class EvalAttackConfig(Section):
@@ -492,28 +644,68 @@ class EvalAttackConfig(Section):
     batch_size: int = Field(256, gt=0, description="test images attacked per batch (per process)")
 
 
+class CorruptionsConfig(Section):
+    """Common-corruption accuracy (CIFAR-10-C style): the finetuned classifier's clean accuracy on a corrupted copy of
+    the test images, per corruption × severity 1..5, as GodXuxilie/RobustSSL_Benchmark reports it
+    (Finetuning_Methods/Vanilla_Finetuning/utils.py, eval_test_OOD). Layout read: one split with a row per image ×
+    corruption × severity, as CIFAR-10-C is on the Hub (randall-lab/cifar10-c: image, label, corruption_name,
+    corruption_level)."""
+
+    path: str | None = Field(
+        None,
+        description="corrupted test set (Hub id or local, as data.path), e.g. randall-lab/cifar10-c; null: not "
+        "measured",
+    )
+    name: str | None = Field(None, description="dataset configuration name")
+    split: str = Field("test", description="split holding the corrupted images")
+    image_column: str | None = Field(None, description="image column; auto-detected when unambiguous")
+    label_column: str | None = Field(
+        None, description="class-label column; auto-detected when it is the only ClassLabel (randall-lab: label)"
+    )
+    corruption_column: str = Field("corruption_name", description="column naming each row's corruption")
+    severity_column: str = Field("corruption_level", description="column holding each row's severity, 1..5")
+    corruptions: Annotated[list[str], Field(min_length=1)] | None = Field(
+        None,
+        description="corruptions measured (null: every one in the data); the benchmark's 15 (no speckle_noise, "
+        "gaussian_blur, spatter, saturate): [shot_noise, gaussian_noise, impulse_noise, contrast, zoom_blur, "
+        "motion_blur, glass_blur, defocus_blur, snow, pixelate, brightness, fog, jpeg_compression, "
+        "elastic_transform, frost]",
+    )
+    max_samples: int | None = Field(
+        None, gt=0, description="use a seeded random subset of N rows of the split (quick checks)"
+    )
+
+
 class EvalConfig(Section):
     """Downstream evaluation (robustcl evaluate): finetuning protocol, then SA / RA / AA on the test split."""
 
     data: EvalDataConfig = Field(default_factory=EvalDataConfig)
     protocol: Literal["slf", "alf", "aff"] = Field("slf", description="slf | alf | aff (--protocol overrides)")
+    # Frozen: the preset fills the sections when the recipe is built (read, --set, --preset), not on assignment.
+    preset: Literal["robustssl", "acl", "advcl", "deacl", "dynacl", "robustcl"] = Field(
+        "robustssl",
+        frozen=True,
+        description="fills every eval.slf / alf / aff key not set (--preset overrides): robustssl: the RobustSSL "
+        "leaderboard's vanilla_finetuning.py (last epoch kept); acl, advcl, deacl, dynacl: the method's own "
+        "finetuning scripts; robustcl: the honest one, the epoch picked on a validation split, never on the test "
+        "split (sources: robustcl/evaluation/presets.py)",
+    )
     slf: FinetuneConfig = Field(
-        default_factory=FinetuneConfig,
-        description="standard linear finetuning: frozen encoder, linear head on clean features",
+        default_factory=lambda: _preset_default("slf"),
+        description="standard linear finetuning: frozen encoder, linear head on clean images",
     )
     alf: FinetuneConfig = Field(
-        default_factory=lambda: FinetuneConfig(augment=True, train_attack="pgd", select_by="robust"),
-        description="adversarial linear finetuning: frozen encoder, head trained on PGD-10 examples",
+        default_factory=lambda: _preset_default("alf"),
+        description="adversarial linear finetuning: frozen encoder, head trained on adversarial examples",
     )
     aff: FinetuneConfig = Field(
-        default_factory=lambda: FinetuneConfig(
-            batch_size=128, train_encoder=True, augment=True, train_attack="trades", select_by="robust"
-        ),
-        description="adversarial full finetuning: whole network, TRADES beta 6 with a 10-step KL attack",
+        default_factory=lambda: _preset_default("aff"),
+        description="adversarial full finetuning: whole network, TRADES",
     )
     attack: EvalAttackConfig = Field(default_factory=EvalAttackConfig)
     attacks: list[Literal["pgd20", "autoattack"]] = Field(["pgd20"], description="measurements besides SA")
     attack_subset: int | None = Field(None, gt=0, description="attack only the first N test images")
+    corruptions: CorruptionsConfig = Field(default_factory=CorruptionsConfig)
     after_pretrain: bool = Field(False, description="run this evaluation at the end of robustcl pretrain")
     save_classifier: bool = Field(
         True, description="save the finetuned classifier beside eval.json (for robustcl export --classifier)"
@@ -521,6 +713,65 @@ class EvalConfig(Section):
     seed: Seed = Field(
         0, description="seed of the validation split, head initialisation, shuffling, attacks (0 … 2³²−1)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_from_preset(cls, data: Any, info: ValidationInfo) -> Any:
+        """Every eval.slf / alf / aff key not given takes the preset's value; the given ones stay."""
+        from .evaluation.presets import DEFAULT_PRESET, PRESETS, PROTOCOL_KEYS, is_legacy, legacy_changes, preset_values
+
+        # An assignment (validate_assignment: one of this model's own fields named, no parent data) validates the
+        # assigned value as it is: a section assigned in Python is taken whole, as before presets.
+        assignment = info.field_name in cls.model_fields and info.data is None
+        if not isinstance(data, dict) or assignment:
+            return data
+        name = data.get("preset", DEFAULT_PRESET)
+        if not isinstance(name, str) or name not in PRESETS:
+            return data  # the field's own check names the choices
+        filled = dict(data)
+        for protocol in PROTOCOL_KEYS:
+            given = filled.get(protocol)
+            if isinstance(given, FinetuneConfig):
+                given = given.model_dump(include=given.model_fields_set)
+            given = {} if given is None else given
+            if not isinstance(given, dict):
+                continue  # not a section: its validation says so
+            if "preset" not in data and is_legacy(given):
+                # Written whole by robustcl before presets existed (a run directory's or an export's recipe): only
+                # what differs from that version's protocol was chosen by its user.
+                given = legacy_changes(protocol, given)
+            filled[protocol] = {**preset_values(name, protocol), **given}
+        return filled
+
+    @model_validator(mode="after")
+    def _dual_bn_needs_trades(self) -> EvalConfig:
+        # Two BN branches need both kinds of image in each step: TRADES passes clean and adversarial ones.
+        for protocol in ("slf", "alf", "aff"):
+            cfg = getattr(self, protocol)
+            if cfg.dual_bn and cfg.train_attack != "trades":
+                raise ValueError(
+                    f"eval.{protocol}.dual_bn needs eval.{protocol}.train_attack: trades (clean and adversarial "
+                    f"images in each step), got {cfg.train_attack}"
+                )
+        return self
+
+    @model_serializer(mode="wrap")
+    def _changes_from_preset(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        """eval.slf / alf / aff written as what differs from the preset: read back, the recipe is the same, and
+        another eval.preset (--preset, --set) still fills every key the user did not choose."""
+        from .evaluation.presets import PROTOCOL_KEYS, preset_values
+
+        data = handler(self)
+        for protocol in PROTOCOL_KEYS:
+            preset = preset_values(self.preset, protocol)
+            data[protocol] = {k: v for k, v in data[protocol].items() if k not in preset or v != preset[k]}
+        return data
+
+
+def _preset_default(protocol: str) -> FinetuneConfig:
+    from .evaluation.presets import DEFAULT_PRESET, preset_values
+
+    return FinetuneConfig(**preset_values(DEFAULT_PRESET, protocol))
 
 
 class ExportConfig(Section):
@@ -590,6 +841,18 @@ class Recipe(Section):
                 f"DynACL anneals the crop towards the whole image: augment.crop_scale must end at 1.0 with "
                 f"method.name dynacl, got {list(self.augment.crop_scale)}"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _per_view_extras_only_for_simclr(self) -> Recipe:
+        # Only SimCLR builds solo-learn's per-view pipelines; any other method would silently train without them.
+        a = self.augment
+        for key, value in (("blur_p", a.blur_p), ("solarize_p", a.solarize_p)):
+            if self.method.name != "simclr" and any(value):
+                raise ValueError(
+                    f"augment.{key} is read by method simclr only, got {list(value)} with method.name "
+                    f"{self.method.name}; set it to 0"
+                )
         return self
 
     def to_dict(self) -> dict[str, Any]:

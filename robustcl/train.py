@@ -35,6 +35,7 @@ from .distributed import (
     raise_on_every_process,
 )
 from .errors import NonFiniteLoss, UserError
+from .evaluation.preflight import check_after_pretrain
 from .export import export_run
 from .fingerprint import data_changes
 from .json_files import to_json, write_json
@@ -308,6 +309,7 @@ def _start_session(
     t, main = recipe.training, accelerator.is_main_process
     # Refused before any data is opened when the method cannot take crops of the original images.
     crops = original_crop_plan(recipe, METHODS[recipe.method.name].original_crops)
+    check_after_pretrain(recipe, accelerator)  # the evaluation the run ends with: refused now, not after training
     opened, images = _open_data(recipe, run_dir, allow_data_change, accelerator, crops is not None)
     batches = EpochBatches(
         len(images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation

@@ -26,6 +26,7 @@ from robustcl.data.color import (
     hsv_to_rgb,
     rgb_to_grayscale,
     rgb_to_hsv,
+    solarize,
 )
 from robustcl.methods.views import simclr_augment
 from robustcl.recipe import Recipe
@@ -506,3 +507,166 @@ def test_grayscale_alone_greys_about_its_probability() -> None:
     assert 0.25 < grey.float().mean().item() < 0.35
     assert (out[grey] - rgb_to_grayscale(src[None], 3)).abs().max() < 1e-5
     assert (out[~grey] - src).abs().max() < 1e-5  # the others are untouched (and the input is not grey)
+
+
+# ------------------------------------------------------------------------------------------------
+# solarisation (solo-learn's per-view RandomApply([Solarization()], p): PIL's ImageOps.solarize, threshold 128)
+
+
+def _draws_before_solarisation(n: int, g: torch.Generator) -> None:
+    """Advance ``g`` past the draws SimCLRAugment makes before its solarisation draw (its documented order)."""
+    for size in [(n, 10), (n, 10), (n,), (n,), (n,), (n,), (n, 4), (n,), (n,), (n,), (n,), (n,)]:
+        torch.rand(size, generator=g)
+
+
+def test_solarize_inverts_pixels_from_128_up_as_pils_solarize() -> None:
+    import numpy as np
+    import PIL.Image
+    import PIL.ImageOps
+
+    levels = torch.arange(256, dtype=torch.uint8)[torch.randperm(256, generator=gen(0))]
+    x = levels.reshape(1, 16, 16, 1).expand(-1, -1, -1, 3).contiguous()  # [1, H, W, 3]: every grey level
+    pil = PIL.ImageOps.solarize(PIL.Image.fromarray(x[0].numpy()))
+    expected = torch.from_numpy(np.array(pil)).permute(2, 0, 1)[None].float() / 255
+    out = solarize(x.permute(0, 3, 1, 2).float() / 255)
+    assert (out - expected).abs().max() <= 1e-6
+
+
+def test_solarize_p_is_one_draw_per_image_after_the_others_from_the_seeded_stream() -> None:
+    n, x = 400, images_u8(n=400, h=8, w=8)
+    g = gen(11)
+    out = SimCLRAugment(no_op_params(size=8, solarize_p=0.3))(x, g)
+    expected_g = gen(11)
+    _draws_before_solarisation(n, expected_g)
+    chosen = torch.rand(n, generator=expected_g) < 0.3
+    assert torch.equal(g.get_state(), expected_g.get_state())
+    src = x.float() / 255
+    assert torch.allclose(out, torch.where(chosen.view(n, 1, 1, 1), solarize(src), src), atol=1e-6, rtol=0)
+    assert 0.25 < chosen.float().mean().item() < 0.35
+
+
+def test_without_solarisation_the_random_stream_is_the_one_before_it_existed() -> None:
+    # Runs recorded before solarize_p existed resume with the same views: p = 0 makes no draw.
+    g, expected_g = gen(12), gen(12)
+    SimCLRAugment(ACL)(images_u8(n=6), g)
+    _draws_before_solarisation(6, expected_g)
+    assert torch.equal(g.get_state(), expected_g.get_state())
+
+
+def test_solarised_and_blurred_views_are_the_same_whichever_process_holds_the_images() -> None:
+    from robustcl.data.batches import batch_random
+
+    x = images_u8(n=8)
+    aug = SimCLRAugment(SimCLRAugmentParams(size=32, solarize_p=0.5, blur_p=0.5))
+    whole = aug(x, batch_random(3, 17, 0, torch.device("cpu"), local=8))
+    halves = [aug(x[r * 4 : r * 4 + 4], batch_random(3, 17, 0, torch.device("cpu"), 4, r, 2)) for r in (0, 1)]
+    assert torch.allclose(torch.cat(halves), whole, atol=1e-6, rtol=0)
+    assert not torch.allclose(whole, SimCLRAugment(SimCLRAugmentParams(size=32))(x, batch_random(3, 17, 0, "cpu", 8)))
+
+
+def test_blur_and_solarisation_on_crops_from_the_data_workers_equal_the_decoded_path() -> None:
+    # augment.crop_on: original hands SimCLRAugment crops taken by the workers; the rest of the pipeline, blur and
+    # solarisation included, must draw and do what it does on the decoded path (a full-image crop: equal inputs).
+    x = images_u8(n=12)
+    params = no_op_params(
+        flip_p=0.5, jitter_p=0.8, jitter=(0.4, 0.4, 0.4, 0.1), grayscale_p=0.2, blur_p=0.5, solarize_p=0.5
+    )
+    decoded = SimCLRAugment(params)(x, gen(13))
+    streamed = SimCLRAugment(params)(A.CroppedViews(x[None]), gen(13))
+    assert torch.allclose(decoded, streamed, atol=1e-5, rtol=0)
+
+
+def test_solarize_p_is_checked() -> None:
+    with pytest.raises(ValueError, match="solarize_p"):
+        SimCLRAugmentParams(size=32, solarize_p=1.5)
+    simclr = {"method": {"name": "simclr"}}
+    recipe = Recipe.model_validate({"augment": {"solarize_p": [0.0, 0.2]}, **simclr})
+    assert recipe.augment.solarize_p == (0.0, 0.2)
+    assert Recipe().augment.solarize_p == (0.0, 0.0)
+    # one number is both views' (solo-learn replicates a single value to every pipeline)
+    both = Recipe.model_validate({"augment": {"solarize_p": 0.2, "blur_p": [0.5]}, **simclr})
+    assert both.augment.solarize_p == (0.2, 0.2)
+    for bad in ([0.0, 1.5], [0.1, 0.2, 0.3], True):
+        with pytest.raises(ValueError, match="solarize_p"):
+            Recipe.model_validate({"augment": {"solarize_p": bad}, **simclr})
+
+
+@pytest.mark.parametrize("key", ["blur_p", "solarize_p"])
+def test_per_view_blur_and_solarisation_are_refused_for_methods_that_would_ignore_them(key) -> None:
+    # Only SimCLR builds the per-view pipelines: another method would train without them, silently.
+    with pytest.raises(ValueError, match=f"augment.{key} is read by method simclr only"):
+        Recipe.model_validate({"augment": {key: 0.5}, "method": {"name": "acl"}})
+
+
+# ------------------------------------------------------------------------------------------------
+# Gaussian blur (solo-learn's RandomApply([GaussianBlur()], p): PIL ImageFilter.GaussianBlur(radius=σ), σ ~ U(0.1, 2))
+
+SIGMAS = [0.1, 0.37, 0.8, 1.0, 1.5, 2.0, 30.0]  # the last: a box wider than the image
+
+
+def _pil_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    import numpy as np
+    import PIL.Image
+    import PIL.ImageFilter
+
+    img = PIL.Image.fromarray(x.permute(1, 2, 0).numpy()).filter(PIL.ImageFilter.GaussianBlur(radius=sigma))
+    return torch.from_numpy(np.array(img)).permute(2, 0, 1)
+
+
+def test_box_blur_matrices_are_pils_box_blur_exactly() -> None:
+    """Three passes of box_blur_matrix along the width, then three along the height, each rounded to a grey level
+    as PIL rounds, are PIL's GaussianBlur pixel for pixel: the same box radius, 24-bit weights and repeated edges."""
+    x = images_u8(n=1, h=20, w=24)[0]
+    for sigma in SIGMAS:
+        radius = A.pil_box_radius(torch.tensor([sigma]))
+        bw, bh = A.box_blur_matrix(radius, 24)[0].double(), A.box_blur_matrix(radius, 20)[0].double()
+        y = x.double()
+        for _ in range(3):
+            y = torch.floor(y @ bw.T + 0.5)
+        for _ in range(3):
+            y = torch.floor(bh @ y + 0.5)
+        assert torch.equal(y.to(torch.uint8), _pil_blur(x, sigma)), sigma
+
+
+def test_gaussian_blur_is_pils_without_its_rounding_between_passes() -> None:
+    x = images_u8(n=len(SIGMAS))
+    out = A.gaussian_blur(x.float() / 255, torch.tensor(SIGMAS))
+    pil = torch.stack([_pil_blur(img, s) for img, s in zip(x, SIGMAS)]).float() / 255
+    diff = (out - pil).abs().flatten(1)
+    # PIL rounds to a grey level after each of its 6 passes (and its 24-bit weights round ties one way)
+    assert diff.max() <= 3 / 255 and diff.mean(1).max() < 1 / 255
+
+
+def test_blur_p_draws_apply_then_sigma_after_grayscale_and_blurs_those_images() -> None:
+    n, x = 300, images_u8(n=300, h=8, w=8)
+    g = gen(14)
+    out = SimCLRAugment(no_op_params(size=8, blur_p=0.5, blur_sigma=(0.1, 2.0)))(x, g)
+    expected_g = gen(14)
+    _draws_before_solarisation(n, expected_g)
+    chosen = torch.rand(n, generator=expected_g) < 0.5
+    sigma = 0.1 + 1.9 * torch.rand(n, generator=expected_g)
+    assert torch.equal(g.get_state(), expected_g.get_state())
+    src = x.float() / 255
+    expected = torch.where(chosen.view(n, 1, 1, 1), A.gaussian_blur(src, sigma), src)
+    assert torch.allclose(out, expected, atol=1e-6, rtol=0)
+    assert 0.4 < chosen.float().mean().item() < 0.6
+
+
+def test_blur_keeps_a_flat_image_and_commutes_with_the_flip() -> None:
+    # solo-learn blurs before its flip, robustcl flips first: the box blur is symmetric, edges included.
+    x = images_u8(n=4).float() / 255
+    sigma = torch.tensor([0.1, 0.9, 1.4, 2.0])
+    assert torch.allclose(A.gaussian_blur(x.flip(-1), sigma), A.gaussian_blur(x, sigma).flip(-1), atol=1e-6)
+    flat = torch.full((2, 3, 9, 9), 0.3)
+    assert torch.allclose(A.gaussian_blur(flat, torch.tensor([0.5, 2.0])), flat, atol=1e-6)
+
+
+def test_blur_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="blur_p"):
+        SimCLRAugmentParams(size=32, blur_p=-0.1)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        SimCLRAugmentParams(size=32, blur_sigma=(2.0, 0.1))
+    assert Recipe().augment.blur_p == (0.0, 0.0) and Recipe().augment.blur_sigma == (0.1, 2.0)
+    for bad in ({"blur_p": [0.5, 0.5, 0.5]}, {"blur_sigma": [2.0, 0.1]}, {"blur_sigma": [-1.0, 2.0]}):
+        with pytest.raises(ValueError, match="blur_"):
+            Recipe.model_validate({"augment": bad})

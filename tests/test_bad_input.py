@@ -562,6 +562,17 @@ CASES = [
         id="cluster-encoder-not-found",
     ),
     case(
+        "cluster",
+        QUICK,
+        "--encoder",
+        "{ws}/nowhere",
+        "-o",
+        "{fresh}/authors_labels.pkl",
+        problem=("writes a safetensors labels file, not a pickle", "--output"),
+        fix="-o FILE.safetensors",
+        id="cluster-output-named-as-a-pickle",
+    ),
+    case(
         "evaluate",
         "{ws}/exports/no_config",
         problem=("not a run directory or a model export (no config.json)", "no_config"),

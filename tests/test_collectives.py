@@ -25,7 +25,7 @@ def _data() -> dict[str, torch.Tensor]:
     }
 
 
-def _loss_and_grads(views: torch.Tensor, across: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grads(views: torch.Tensor, across: bool | str) -> tuple[torch.Tensor, torch.Tensor]:
     views = views.clone().requires_grad_(True)
     loss = multi_positive_nt_xent(list(views), temperature=0.5, scale=1.7, across_processes=across)
     loss.backward()
@@ -61,6 +61,8 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         # The gather's backward hands each process the gradient of every process's loss w.r.t. its rows; the
         # whole batch's loss is the mean of the processes' losses (DDP averages), hence / world.
         results = {"loss": loss, "local_loss": local_loss, "grad": grad / world}
+        # An attack's loss: this process's share of the whole batch's; its input gradient needs no averaging.
+        results["share_loss"], results["share_grad"] = _loss_and_grads(data["views"][:, rows], across="share")
         bn = _bn_step(data["images"][rows], data["weight"][rows])
         # The parameter gradients are per process: summed over processes they are the whole batch's.
         for key in ("w_grad", "b_grad"):
@@ -82,6 +84,10 @@ def test_two_processes_equal_one_with_the_whole_batch(tmp_path):
     # Each process's loss is the mean over its own anchors; their mean is the whole batch's loss.
     assert torch.allclose((ranks[0]["loss"] + ranks[1]["loss"]) / 2, loss, atol=1e-6)
     assert torch.allclose(torch.cat([r["grad"] for r in ranks], dim=1), grad, atol=1e-6)
+    # "share" (attacks): the processes' losses sum to the whole batch's, and each process's gradient w.r.t. its rows
+    # is the whole batch's loss's, as it is (nothing averages an attack's input gradient over processes).
+    assert torch.allclose(ranks[0]["share_loss"] + ranks[1]["share_loss"], loss, atol=1e-6)
+    assert torch.allclose(torch.cat([r["share_grad"] for r in ranks], dim=1), grad, atol=1e-6)
     # Without the gather each process contrasts only its own 4 images: a different (smaller) loss.
     assert not torch.allclose((ranks[0]["local_loss"] + ranks[1]["local_loss"]) / 2, loss, atol=1e-3)
 

@@ -212,6 +212,7 @@ def test_any_transformers_backbone_with_pooled_features(tmp_path):
 # ------------------------------------------------------------------------------- end to end, through the CLI
 
 EVAL_SETS = [
+    "eval.preset=robustcl",  # the epoch picked on a validation split (checked below), not the last one
     "data.path=builtin:digits",
     "data.resolution=8",
     "eval.data.max_train=200",

@@ -16,6 +16,7 @@ from helpers import BIN, REPO, cli_env
 from safetensors.torch import load_file
 
 SETS = [
+    "eval.preset=robustcl",  # SLF on features computed once (unaugmented), the epoch picked on a validation split
     "data.path=builtin:digits",
     "data.resolution=8",
     "eval.data.max_train=200",  # 180 finetuning + 20 validation images

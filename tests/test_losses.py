@@ -82,3 +82,16 @@ def test_distillation_loss_hand_computed():
     student_adv = torch.tensor([[0.0, 1.0], [0.0, 5.0]])  # cosines with the student: 0 and 1
     expected = -(1 / math.sqrt(2) + 1) / 2 - 2.0 * (0 + 1) / 2
     assert math.isclose(float(distillation_loss(student, teacher, student_adv, 2.0)), expected, rel_tol=1e-6)
+
+
+def test_contrastive_loss_computes_in_float32_at_least_and_keeps_float64():
+    # bf16 features (mixed precision) are scored in float32; float64 ones in float64 (the distributed equivalence
+    # tests compare float64 steps, where float32 rounding would flip ReLUs and PGD signs between 1 and 2 processes).
+    from robustcl.losses import multi_positive_nt_xent
+
+    torch.manual_seed(5)
+    z1, z2 = torch.randn(6, 5, dtype=torch.float64), torch.randn(6, 5, dtype=torch.float64)
+    assert multi_positive_nt_xent([z1, z2], 0.5).dtype == torch.float64
+    assert multi_positive_nt_xent([z1.bfloat16(), z2.bfloat16()], 0.5).dtype == torch.float32
+    exact = _supcon_loop([z1, z2], 0.5, 1.0)
+    assert abs(multi_positive_nt_xent([z1, z2], 0.5).item() - exact) < 1e-12

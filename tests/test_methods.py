@@ -45,14 +45,83 @@ def test_registry_names_every_method_with_its_paper():
 
 def test_simclr_loss_is_nt_xent_of_its_projected_views_and_it_has_no_adversary(tmp_path):
     torch.manual_seed(0)
-    method = build_method(_recipe("simclr")).train()
+    method = build_method(_recipe("simclr", "method.simclr.bn_per_view=false")).train()
     assert method.projector.num_layers == 2 and not method.bn_branches
     images = _images()
     loss, _ = method(images, torch.Generator().manual_seed(1), torch.arange(8), 0)
     g = torch.Generator().manual_seed(1)
-    views = torch.cat([method.augment(images, g), method.augment(images, g)])
+    views = torch.cat([method.augments[0](images, g), method.augments[1](images, g)])
     z1, z2 = method.projector(method.encoder(views).pooler_output).chunk(2)
     assert torch.isclose(loss, nt_xent(z1, z2, 0.2))
+
+
+def _has_batch_norm(module):
+    return any("BatchNorm" in type(m).__name__ for m in module.modules())
+
+
+def test_simclr_projector_without_bn_is_solo_learns_linear_relu_linear_and_the_loss_stays_nt_xent():
+    """method.simclr.projector_bn: false is solo-learn's projector (solo/methods/simclr.py): Linear → ReLU → Linear,
+    both with biases, no BatchNorm; the shipped recipe uses it, and the loss is NT-Xent of its outputs."""
+    assert load_recipe("recipes/simclr.yaml").method.simclr.projector_bn is False
+    torch.manual_seed(0)
+    method = build_method(_recipe("simclr", "method.simclr.projector_bn=false")).train()
+    head = method.projector
+    assert not _has_batch_norm(head)
+    assert [n for n, _ in head.named_parameters()] == ["fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias"]
+    assert (head.fc1.in_features, head.fc1.out_features, head.fc2.out_features) == (64, 2048, 256)
+    x = torch.randn(4, 64)
+    assert torch.equal(head(x), head.fc2(torch.relu(head.fc1(x))))
+    images = _images()
+    loss, _ = method(images, torch.Generator().manual_seed(1), torch.arange(8), 0)
+    g = torch.Generator().manual_seed(1)
+    views = [method.augments[0](images, g), method.augments[1](images, g)]
+    z1, z2 = (head(method.encoder(v).pooler_output) for v in views)  # the recipe encodes each view alone
+    assert torch.isclose(loss, nt_xent(z1, z2, 0.2))
+
+
+def test_simclr_projector_bn_defaults_to_the_bn_projector_of_earlier_runs():
+    # Runs recorded before the key existed re-read their recipe with the default: it must build their projector.
+    method = build_method(_recipe("simclr", "method.simclr.projector_bn=true"))
+    assert _has_batch_norm(method.projector) and hasattr(method.projector, "bn1")
+    assert load_recipe("recipes/quickstart.yaml").method.simclr.projector_bn is True
+
+
+def test_simclr_bn_per_view_encodes_each_view_alone_as_solo_learn():
+    """method.simclr.bn_per_view: each view is its own forward pass (solo-learn BaseMethod.training_step), so its
+    BatchNorm statistics are the view's own; the recipe follows solo-learn, the default keeps one 2N pass."""
+    assert load_recipe("recipes/simclr.yaml").method.simclr.bn_per_view is True
+    assert load_recipe("recipes/quickstart.yaml").method.simclr.bn_per_view is False
+    torch.manual_seed(0)
+    method = build_method(_recipe("simclr", "method.simclr.bn_per_view=true")).train()
+    images = _images()
+    loss, _ = method(images, torch.Generator().manual_seed(1), torch.arange(8), 0)
+    g = torch.Generator().manual_seed(1)
+    views = [method.augments[0](images, g), method.augments[1](images, g)]
+    z1, z2 = (method.projector(method.encoder(v).pooler_output) for v in views)
+    assert torch.isclose(loss, nt_xent(z1, z2, 0.2))
+    joint = method.projector(method.encoder(torch.cat(views)).pooler_output).chunk(2)
+    assert not torch.isclose(loss, nt_xent(*joint, 0.2))
+
+
+def test_simclr_blurs_and_solarises_each_view_with_its_own_probability():
+    """augment.blur_p / solarize_p [p1, p2]: view 1 with p1, view 2 with p2 (solo-learn's per-view pipelines)."""
+    no_op = ["augment.crop_scale=[1.0, 1.0]", "augment.crop_ratio=[1.0, 1.0]", "augment.flip_p=0.0"]
+    no_op += ["augment.jitter_p=0.0", "augment.grayscale_p=0.0", "augment.solarize_p=[0.0, 1.0]"]
+    no_op += ["augment.blur_p=[1.0, 0.0]", "augment.blur_sigma=[0.5, 1.5]"]
+    method = build_method(_recipe("simclr", *no_op))
+    assert [a.params.solarize_p for a in method.augments] == [0.0, 1.0]
+    assert [(a.params.blur_p, a.params.blur_sigma) for a in method.augments] == [(1.0, (0.5, 1.5)), (0.0, (0.5, 1.5))]
+    images = _images()
+    g = torch.Generator().manual_seed(3)
+    first, second = method.augments[0](images, g), method.augments[1](images, g)
+    x = images.float() / 255
+
+    def variation(v):
+        return (v[..., 1:] - v[..., :-1]).abs().mean(dim=(1, 2, 3))
+
+    assert (variation(first) < 0.8 * variation(x)).all()  # every image blurred
+    assert ((first - x).mean(dim=(1, 2, 3)).abs() < 0.02).all()  # and none solarised
+    assert torch.allclose(second, torch.where(images >= 128, 1 - x, x), atol=1e-6, rtol=0)
 
 
 def _advcl(tmp_path, images, *sets):
@@ -210,7 +279,9 @@ def test_dynacl_without_momentum_starts_as_acl_ds():
     torch.manual_seed(0)
     dyn = build_method(_recipe("dynacl", "method.dynacl.momentum=null", "attack.steps=2")).train()
     dyn.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
-    acl = build_method(load_recipe("recipes/acl.yaml", [*SMALL, "attack.steps=2"])).train()
+    # The same crop resampling: DynACL's recipe crops bilinearly (the authors' code), ACL's bicubically.
+    acl_sets = [*SMALL, "attack.steps=2", "augment.interpolation=bilinear"]
+    acl = build_method(load_recipe("recipes/acl.yaml", acl_sets)).train()
     acl.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
     acl.load_state_dict(dyn.state_dict())
     images = _images()
@@ -219,3 +290,50 @@ def test_dynacl_without_momentum_starts_as_acl_ds():
     assert torch.isclose(loss_dyn, loss_acl, rtol=1e-5)
     # Late in training the views are weaker and the adversarial term weighs more.
     assert dyn.strength(9_999) < 0.1 and dyn.adversarial_weight(9_999) > 1.6
+
+
+def _dynacl_run(tmp_path, *sets):
+    """A 2-step DynACL pretrain on the embedded digits (in process), exported as pretrain does at the end."""
+    from helpers import TINY, call_main, with_sets
+
+    run = tmp_path / "dynacl"
+    argv = ["pretrain", "recipes/dynacl.yaml", "-o", str(run)]
+    argv += with_sets(*TINY, "data.path=builtin:digits", "training.max_steps=2", "eval.after_pretrain=false", *sets)
+    assert call_main(argv) == 0
+    return run
+
+
+@pytest.mark.parametrize("choice, attribute", [("momentum", "momentum_encoder"), ("online", "encoder")])
+def test_dynacl_exports_the_encoder_its_recipe_names(tmp_path, monkeypatch, choice, attribute):
+    """The authors evaluate and finetune model_encoder_k.pt (their moving-average encoder): the default export is
+    that encoder, and export_encoder: online hands over the trained one instead. Both are compared with the
+    checkpoint's weights, which differ after two steps (an EMA with momentum 0.99 lags the online encoder)."""
+    import sys
+
+    from safetensors.torch import load_file
+
+    from robustcl.export import single_branch_encoder
+    from robustcl.run_dir import latest_checkpoint, read_run_recipe
+
+    monkeypatch.setattr(sys, "argv", sys.argv)
+    sets = [] if choice == "momentum" else ["method.dynacl.export_encoder=online"]
+    run = _dynacl_run(tmp_path, *sets)
+    method = build_method(read_run_recipe(run))
+    method.load_state_dict(load_file(latest_checkpoint(run) / "model.safetensors"))
+    exported = load_file(run / "encoder" / "model.safetensors")
+    expected = single_branch_encoder(getattr(method, attribute), "pgd").state_dict()
+    other = single_branch_encoder(method.momentum_encoder if choice == "online" else method.encoder, "pgd")
+    assert exported.keys() == expected.keys()
+    assert all(torch.equal(exported[k], expected[k]) for k in expected)
+    assert not all(torch.equal(exported[k], v) for k, v in other.state_dict().items())
+
+
+def test_dynacl_without_momentum_exports_its_only_encoder():
+    """momentum: null leaves no moving-average encoder: whatever export_encoder says, the online one is handed over
+    (a run's saved recipe lists every key, so refusing the combination would refuse re-reading such a run)."""
+    for choice in ("momentum", "online"):
+        sets = ["method.dynacl.momentum=null", f"method.dynacl.export_encoder={choice}"]
+        method = build_method(_recipe("dynacl", *sets))
+        assert method.downstream_encoder is method.encoder
+    method = build_method(_recipe("dynacl"))
+    assert method.downstream_encoder is method.momentum_encoder

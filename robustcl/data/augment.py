@@ -42,10 +42,14 @@ from robustcl.data.color import (
     _rand,
     _sample_jitter,
     rgb_to_grayscale,
+    solarize,
 )
 
 __all__ = [
     "CroppedViews",
+    "box_blur_matrix",
+    "gaussian_blur",
+    "pil_box_radius",
     "SimCLRAugment",
     "SimCLRAugmentParams",
     "WeakAugment",
@@ -74,12 +78,16 @@ class SimCLRAugmentParams:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
+    blur_p: float = 0.0  # solo-learn's RandomApply([GaussianBlur()], p), after grayscale
+    blur_sigma: tuple[float, float] = (0.1, 2.0)  # its σ ~ U(low, high), PIL's GaussianBlur radius
+    solarize_p: float = 0.0  # solo-learn's RandomApply([Solarization()], p), after the blur
 
     def __post_init__(self) -> None:
         # recipes arrive as YAML lists; store tuples so the frozen object stays hashable
         object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
         object.__setattr__(self, "crop_ratio", tuple(float(v) for v in self.crop_ratio))
         object.__setattr__(self, "jitter", tuple(float(v) for v in self.jitter))
+        object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
         _check_positive_int(self.size, "size")
         _check_range(self.crop_scale, "crop_scale")
         _check_range(self.crop_ratio, "crop_ratio")
@@ -89,7 +97,9 @@ class SimCLRAugmentParams:
             raise ValueError(f"jitter must be (brightness, contrast, saturation, hue), got {self.jitter}")
         if min(self.jitter) < 0 or self.jitter[3] > 0.5:
             raise ValueError(f"jitter strengths must be >= 0 and hue <= 0.5, got {self.jitter}")
-        for name in ("flip_p", "jitter_p", "grayscale_p"):
+        if len(self.blur_sigma) != 2 or not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
+            raise ValueError(f"blur_sigma must be (low, high) with 0 <= low <= high, got {self.blur_sigma}")
+        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
             _check_probability(getattr(self, name), name)
 
 
@@ -337,6 +347,63 @@ def resized_crop(
 
 
 # --------------------------------------------------------------------------------------------------
+# Gaussian blur (PIL's: three extended box blurs per axis)
+
+_BLUR_PASSES = 3  # PIL's ImageFilter.GaussianBlur → ImagingGaussianBlur(..., passes=3)
+_FIXED_ONE = float(1 << 24)  # PIL's box blur weighs pixels in 24-bit fixed point
+
+
+def pil_box_radius(sigma: Tensor) -> Tensor:
+    """The fractional box radius PIL's GaussianBlur(radius=σ) blurs with, per sample (``_gaussian_blur_radius`` in
+    Pillow's BoxBlur.c: three passes whose variances add up to σ², Gwosdek et al. 2011), in float32 as Pillow."""
+    var = sigma.to(torch.float32) ** 2 / _BLUR_PASSES
+    length = torch.sqrt(12.0 * var + 1.0)
+    whole = torch.floor((length - 1.0) / 2.0)
+    frac = (2 * whole + 1) * (whole * (whole + 1) - 3 * var) / (6 * (var - (whole + 1) * (whole + 1)))
+    return whole + frac
+
+
+def box_blur_matrix(radius: Tensor, size: int) -> Tensor:
+    """``[n, size, size]``: one pass of PIL's box blur of fractional ``radius`` r = l + a along an axis of ``size``.
+
+    Output pixel x averages pixels x − l … x + l with weight w = 1 / (2r + 1) each, and x ± (l + 1) with
+    (1 − (2l + 1)·w) / 2; a position outside the image reads the edge pixel (Pillow's ImagingLineBoxBlur), so the
+    taps that fall off an edge add their weight to the edge column. The weights are PIL's 24-bit fixed-point ones.
+    """
+    radius = radius.to(torch.float32)[:, None, None]  # [n, 1, 1]
+    whole = torch.floor(radius)
+    ww = torch.floor(_FIXED_ONE / (radius * 2 + 1))
+    fw = torch.floor((_FIXED_ONE - (whole * 2 + 1) * ww) / 2)
+    pos = torch.arange(size, device=radius.device, dtype=torch.float32)[None, :, None]  # [1, size, 1]
+    # a tap's weight by its distance from the output pixel (0 … size − 1)
+    taps = torch.where(pos <= whole, ww, torch.where(pos == whole + 1, fw, 0.0)).squeeze(2) / _FIXED_ONE
+    index = torch.arange(size, device=radius.device)
+    out = taps[:, (index[None, :] - index[:, None]).abs()]  # [n, x, j]
+    # Taps past the left edge (x + k < 0) read column 0, past the right edge column size − 1: per output pixel x,
+    # the number of near taps off each edge and whether its far tap is.
+    off_left = ww * (whole - pos).clamp(min=0) + fw * (pos - whole - 1 < 0)
+    off_right = ww * (pos + whole - (size - 1)).clamp(min=0) + fw * (pos + whole + 1 > size - 1)
+    out[:, :, 0] += off_left.squeeze(2) / _FIXED_ONE
+    out[:, :, -1] += off_right.squeeze(2) / _FIXED_ONE
+    return out
+
+
+def gaussian_blur(x: Tensor, sigma: Tensor) -> Tensor:
+    """PIL's ``ImageFilter.GaussianBlur(radius=σ)`` of each image of float ``[N, C, H, W]`` with its own σ ``[N]``:
+    three box blurs along the width and three along the height (:func:`box_blur_matrix`), as one matrix product per
+    axis. PIL rounds to a grey level after each of its six passes; here pixels stay float (≤ 3 grey levels apart,
+    < 1 on average; TF32 matmuls on a GPU add ~1e-3, as in :func:`resized_crop`)."""
+    radius = pil_box_radius(sigma.to(x.device))
+    _, _, height, width = x.shape
+    bw = box_blur_matrix(radius, width)
+    bh = box_blur_matrix(radius, height)
+    with torch.autocast(x.device.type, enabled=False):
+        bw3 = bw @ bw @ bw
+        bh3 = bh @ bh @ bh
+        return torch.matmul(torch.matmul(bh3[:, None], x), bw3.transpose(1, 2)[:, None]).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------------------------------
 # pipelines
 
 
@@ -364,11 +431,16 @@ class CroppedViews:
 
 
 class SimCLRAugment:
-    """RandomResizedCrop -> HorizontalFlip -> RandomApply(ColorJitter) -> RandomGrayscale, per sample.
+    """RandomResizedCrop -> HorizontalFlip -> RandomApply(ColorJitter) -> RandomGrayscale -> RandomApply(GaussianBlur)
+    -> RandomApply(Solarize), per sample.
 
     Random draws per call, in order: crop boxes (see :func:`sample_resized_crop_boxes`), ``[N]`` flip,
-    ``[N]`` jitter apply, jitter order and factors (see :func:`color_jitter`), ``[N]`` grayscale.  They
-    are drawn even when a probability is 0, so the generator advances by the same amount every call.
+    ``[N]`` jitter apply, jitter order and factors (see :func:`color_jitter`), ``[N]`` grayscale, then ``[N]`` blur
+    apply and ``[N]`` blur σ only when ``blur_p > 0``, and ``[N]`` solarise only when ``solarize_p > 0``.  The first
+    ones are drawn even when a probability is 0, so the generator advances by the same amount every call (DynACL
+    scales jitter_p and grayscale_p down during a run).  Blur and solarisation are fixed settings of a run: leaving
+    their draws out at 0 keeps the random stream, and so the views, of runs recorded before they existed.  solo-learn
+    flips last; a flip commutes with these colour steps and with the (symmetric) blur.
     """
 
     def __init__(self, params: SimCLRAugmentParams) -> None:
@@ -397,6 +469,8 @@ class SimCLRAugment:
         jitter_apply = _rand(n, generator, device) < p.jitter_p
         order, factors = _sample_jitter(n, self._jitter_ranges, generator, device)
         gray = _rand(n, generator, device) < p.grayscale_p
+        blur = self._draw_blur(n, generator, device)
+        solar = _rand(n, generator, device) < p.solarize_p if p.solarize_p > 0 else None
 
         if cropped:
             x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
@@ -406,7 +480,21 @@ class SimCLRAugment:
             x = _apply_jitter(x, order, factors, self._jitter_ranges, jitter_apply)
         if p.grayscale_p > 0:
             x = torch.where(gray.view(n, 1, 1, 1), rgb_to_grayscale(x, 3), x)
+        if blur is not None:
+            chosen, sigma = blur
+            x = torch.where(chosen.view(n, 1, 1, 1), gaussian_blur(x, sigma), x)
+        if solar is not None:
+            x = torch.where(solar.view(n, 1, 1, 1), solarize(x), x)
         return x
+
+    def _draw_blur(self, n: int, generator: RandomSource, device: torch.device) -> tuple[Tensor, Tensor] | None:
+        """Which images are blurred and their σ, uniform in ``blur_sigma`` (none drawn when ``blur_p`` is 0)."""
+        p = self.params
+        if p.blur_p == 0:
+            return None
+        chosen = _rand(n, generator, device) < p.blur_p
+        low, high = p.blur_sigma
+        return chosen, low + (high - low) * _rand(n, generator, device)
 
 
 class WeakAugment:

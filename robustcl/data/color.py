@@ -29,9 +29,13 @@ __all__ = [
     "hsv_to_rgb",
     "rgb_to_grayscale",
     "rgb_to_hsv",
+    "solarize",
 ]
 
 _GRAY_WEIGHTS = (0.299, 0.587, 0.114)  # ITU-R 601-2 luma, as torchvision and PIL "L" mode
+# PIL's ImageOps.solarize(image) inverts grey levels ≥ 128 (its default threshold, the one solo-learn's Solarization
+# uses). Float pixels here are what PIL would have rounded to a grey level: the cut lies half-way, at 127.5.
+_SOLARIZE_THRESHOLD = 127.5 / 255
 
 
 # --------------------------------------------------------------------------------------------------
@@ -85,6 +89,15 @@ def rgb_to_grayscale(x: Tensor, num_output_channels: int = 1) -> Tensor:
     if num_output_channels == 3:
         gray = gray.expand(*gray.shape[:-3], 3, *gray.shape[-2:])
     return gray
+
+
+def solarize(x: Tensor) -> Tensor:
+    """PIL's ``ImageOps.solarize`` (threshold 128): a pixel of grey level ≥ 128 becomes 255 − level, i.e. ``1 − x``.
+
+    Exact on images of whole grey levels (k / 255); between levels the cut is at 127.5 / 255, where PIL's rounding
+    to uint8 would put it.
+    """
+    return torch.where(x >= _SOLARIZE_THRESHOLD, 1.0 - x, x)
 
 
 def adjust_brightness(x: Tensor, factor: Tensor | float) -> Tensor:

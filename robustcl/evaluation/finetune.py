@@ -1,5 +1,6 @@
 """Finetuning protocols (SLF / ALF / AFF): a linear head on a frozen or trainable encoder, trained clean, on PGD
-examples or with TRADES, with the epoch picked on a validation split carved from the training split.
+examples or with TRADES; the weights kept are the last epoch's, or the epoch's picked on a validation split carved from
+the training split. How each reference script sets them up is in :mod:`.presets`.
 
 SLF (frozen encoder, clean data, no augmentation) trains the head on features computed once; the other protocols
 go through the encoder every step. Under several processes the work is shared, not repeated (:mod:`.sharding`):
@@ -11,6 +12,8 @@ summed, so N processes train what one does.
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -25,6 +28,7 @@ from ..data.augment import WeakAugment, WeakAugmentParams
 from ..data.batches import BatchRandom, RandomSource
 from ..errors import UserError
 from ..features import CHUNK, pixels
+from ..models.resnet import MultiBatchNorm, multi_batch_norms, set_bn_branch
 from ..recipe import FinetuneConfig
 from .backbone import FeatureEncoder
 from .measure import unit_starts
@@ -55,25 +59,29 @@ class LabelledImages:
 
 
 def split_validation(data: LabelledImages, fraction: float, seed: int) -> tuple[LabelledImages, LabelledImages]:
-    """A seeded random ``fraction`` of the training split becomes the validation split (at least one image each)."""
+    """A seeded random ``fraction`` of the training split becomes the validation split (at least one image each);
+    ``fraction`` 0: none, every image trains (the last epoch is kept, nothing picks one)."""
     n = len(data)
+    if fraction <= 0:
+        return data.take(torch.arange(n)), data.take(torch.arange(0))
     n_val = min(max(1, round(n * fraction)), n - 1)
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return data.take(order[n_val:].sort().values), data.take(order[:n_val].sort().values)
 
 
 class Classifier(nn.Module):
-    """Feature encoder + linear head: pixels in [0, 1] → logits. A frozen encoder stays in eval mode."""
+    """Feature encoder + linear head: pixels in [0, 1] → logits. In train mode the encoder's BatchNorm runs in train
+    mode only with ``bn_train`` (by default: when the encoder trains)."""
 
-    def __init__(self, encoder: FeatureEncoder, head: nn.Linear, frozen: bool) -> None:
+    def __init__(self, encoder: FeatureEncoder, head: nn.Linear, frozen: bool, bn_train: bool | None = None) -> None:
         super().__init__()
         self.encoder, self.head, self.frozen = encoder, head, frozen
+        self.bn_train = not frozen if bn_train is None else bn_train
         self.encoder.requires_grad_(not frozen)
 
     def train(self, mode: bool = True) -> Classifier:
         super().train(mode)
-        if self.frozen:
-            self.encoder.eval()
+        self.encoder.train(mode and self.bn_train)
         return self
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -84,8 +92,46 @@ class Classifier(nn.Module):
 class FinetuneResult:
     classifier: Classifier
     selected_epoch: int
-    val_accuracy: float
+    val_accuracy: float | None  # None: the last epoch kept, no validation split
     history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# Dual BN (``dual_bn``): every BatchNorm of the encoder becomes two, clean images going through CLEAN_BRANCH and
+# adversarial ones through ADV_BRANCH, the branch the returned classifier keeps (RobustSSL_Benchmark utils.py /
+# DynACL utils.py trades_loss_dual; their 'normal' and 'pgd').
+CLEAN_BRANCH, ADV_BRANCH = "normal", "pgd"
+
+
+def dual_batchnorm(encoder: nn.Module, clean: nn.Module | None = None) -> None:
+    """Give each BatchNorm of ``encoder`` a second branch, in place: ADV_BRANCH is the BatchNorm as it is,
+    CLEAN_BRANCH a copy of ``clean``'s BatchNorm of the same name (a model of the same layout), else of itself."""
+    clean_modules = dict(clean.named_modules()) if clean is not None else {}
+    for name, module in list(encoder.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if not isinstance(child, nn.modules.batchnorm._BatchNorm):
+                continue
+            path = f"{name}.{child_name}" if name else child_name
+            dual = MultiBatchNorm(child.num_features, [CLEAN_BRANCH, ADV_BRANCH], dim=2)
+            dual.branches = nn.ModuleDict(
+                {CLEAN_BRANCH: copy.deepcopy(clean_modules.get(path, child)), ADV_BRANCH: child}
+            )
+            dual.active_branch = ADV_BRANCH
+            setattr(module, child_name, dual)
+
+
+def single_batchnorm(encoder: nn.Module, branch: str = ADV_BRANCH) -> None:
+    """Undo :func:`dual_batchnorm`, in place: each two-branch BatchNorm is replaced by its ``branch``."""
+    for module in list(encoder.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, MultiBatchNorm):
+                setattr(module, child_name, child.branches[branch])
+
+
+@contextmanager
+def _branch(model: nn.Module, branch: str) -> Iterator[None]:
+    """Run ``model``'s two-branch BatchNorms on ``branch`` (nothing to do for a model without them)."""
+    with set_bn_branch(model, branch) if multi_batch_norms(model) else nullcontext():
+        yield
 
 
 def _ce_attack(
@@ -95,18 +141,21 @@ def _ce_attack(
     cfg: FinetuneConfig,
     generator: RandomSource | None = None,
     start: torch.Tensor | None = None,
+    steps: int | None = None,
 ) -> torch.Tensor:
-    """PGD on the summed CE (each row's gradient is its own): from ``start``, else uniform noise from ``generator``."""
+    """PGD on the summed CE (each row's gradient is its own): from ``start``, else uniform noise from ``generator``;
+    ``steps`` (default: the training attack's)."""
     with module_mode(model, False):
         return pgd_attack(
             lambda z: F.cross_entropy(model(z), y, reduction="sum"),
             x,
             epsilon=cfg.epsilon,
             step_size=cfg.step_size,
-            steps=cfg.attack_steps,
+            steps=cfg.attack_steps if steps is None else steps,
             random_start=True,
             generator=generator,
             start=start,
+            clamp_start=cfg.clamp_start,
         )
 
 
@@ -126,25 +175,37 @@ def trades_loss(
     generator: RandomSource,
     total: int | None = None,
 ) -> torch.Tensor:
-    """TRADES (Zhang et al., 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x_adv)), x_adv maximising that KL (eval-mode BN).
+    """TRADES (Zhang et al., 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x_adv)), x_adv maximising that KL (eval-mode BN),
+    from x + 0.001·N(0, 1) (``trades_random_start``) or x. With two-branch BatchNorms (``dual_bn``) clean images
+    go through CLEAN_BRANCH, adversarial ones through ADV_BRANCH; with ``trades_target`` 'separate' the KL target
+    comes from one more clean pass (DeACL trades/trades.py).
 
     Both terms are sums over the rows divided by ``total`` (default: the rows given), the size of the global batch
     these rows are part of: summed over the processes, the batch mean."""
     total = len(x) if total is None else total
     with module_mode(model, False):
-        with torch.no_grad():
+        with torch.no_grad(), _branch(model, CLEAN_BRANCH):
             clean_probs = F.softmax(model(x), dim=1)
-        start = _normal(x.shape, generator, x.device) * _TRADES_START_STD
+        start = _normal(x.shape, generator, x.device) * _TRADES_START_STD if cfg.trades_random_start else None
         x_adv = pgd_attack(
             lambda z: F.kl_div(F.log_softmax(model(z), dim=1), clean_probs, reduction="sum"),
             x,
             epsilon=cfg.epsilon,
             step_size=cfg.step_size,
             steps=cfg.attack_steps,
+            random_start=False,
             start=start,
+            clamp_start=cfg.clamp_start,
         )
-    logits = model(x)
-    robust = F.kl_div(F.log_softmax(model(x_adv), dim=1), F.softmax(logits, dim=1), reduction="sum")
+    with _branch(model, CLEAN_BRANCH):
+        logits = model(x)
+    adv_logits = model(x_adv)
+    if cfg.trades_target == "separate":
+        with _branch(model, CLEAN_BRANCH):
+            target = model(x)
+    else:
+        target = logits
+    robust = F.kl_div(F.log_softmax(adv_logits, dim=1), F.softmax(target, dim=1), reduction="sum")
     return (F.cross_entropy(logits, y, reduction="sum") + cfg.trades_beta * robust) / total
 
 
@@ -227,7 +288,7 @@ def _val_accuracy(
             x, y = pixels(images, device), val.labels[rows].to(device)
             if cfg.select_by == "robust":
                 start = unit_starts(rows, x.shape[1:], seed + 1).to(device) * cfg.epsilon
-                x = _ce_attack(model, x, y, cfg, start=start)
+                x = _ce_attack(model, x, y, cfg, start=start, steps=_select_steps(cfg))
             with torch.no_grad():
                 correct += (model(x).argmax(1) == y).sum().item()
     return _correct_fraction(correct, len(val), device)
@@ -241,15 +302,20 @@ def _feature_val_accuracy(head: nn.Linear, features: torch.Tensor, labels: torch
     return _correct_fraction(correct, n, device)
 
 
+def _select_steps(cfg: FinetuneConfig) -> int:
+    return cfg.attack_steps if cfg.select_attack_steps is None else cfg.select_attack_steps
+
+
 def _check_shares(n: int, cfg: FinetuneConfig, key: str) -> None:
-    """AFF's BatchNorm gathers statistics from every process at every training forward: each needs rows."""
+    """BatchNorm in train mode (AFF, bn_mode train) gathers statistics from every process at every training forward:
+    each needs rows."""
     _, size = world()
     last = n % cfg.batch_size
     smallest = min(cfg.batch_size, n) if last == 0 else last
-    if cfg.train_encoder and smallest < size:
+    if cfg.encoder_bn_train() and smallest < size:
         raise UserError(
             f"a finetuning batch of {smallest} images (of {n}, in batches of {cfg.batch_size}) leaves some of the "
-            f"{size} processes without images, and training the encoder needs every process in each batch",
+            f"{size} processes without images, and BatchNorm in train mode needs every process in each batch",
             f"{key}.batch_size",
             f"choose a batch size whose last batch (of {n} images) holds 0 or at least {size} images",
         )
@@ -277,19 +343,25 @@ def finetune(
     progress: bool = True,
     workers: int = 0,
     key: str = "eval.finetune",
+    clean_bn: nn.Module | None = None,
 ) -> FinetuneResult:
     """Train a linear head (and the encoder when ``cfg.train_encoder``) by SGD with a step schedule; keep the
-    weights of the epoch with the best validation accuracy (earliest on ties).
+    weights of the last epoch (``select_by`` final: ``val`` is not used) or of the epoch with the best validation
+    accuracy (earliest on ties).
 
     Under several processes (a torch.distributed group) they share the work and train the same weights; ``workers``
-    decode streamed images; ``key`` names the protocol's recipe section in errors."""
+    decode streamed images; ``key`` names the protocol's recipe section in errors; ``clean_bn``, a model laid out
+    as ``encoder``, starts the clean BatchNorm branch of ``dual_bn``."""
     _check_shares(len(train), cfg, key)
     torch.manual_seed(seed)
     encoder = encoder.to(device)
-    if cfg.train_encoder and world()[1] > 1:
+    if cfg.dual_bn:
+        dual_batchnorm(encoder, clean_bn)
+    bn_train = cfg.encoder_bn_train()
+    if bn_train and world()[1] > 1:
         convert_sync_batchnorm(encoder)  # statistics of the global batch, as one process computes them
-    # Frozen encoder + clean, unaugmented inputs: the features never change, so compute them once.
-    cached = not cfg.train_encoder and cfg.train_attack == "none" and not cfg.augment
+    # Frozen encoder in eval mode + clean, unaugmented inputs: the features never change, so compute them once.
+    cached = not cfg.train_encoder and cfg.train_attack == "none" and not cfg.augment and not bn_train
     features = val_features = None
     own, own_val = owned_rows(len(train)), owned_rows(len(val))
     if cached:
@@ -297,7 +369,10 @@ def finetune(
         if cfg.select_by == "clean":
             val_features = _encode_rows(encoder, val.images, own_val, device, torch.float32, workers)
     head = nn.Linear(_feature_dim(encoder, train.images, features, device), num_classes).to(device)
-    model = Classifier(encoder, head, frozen=not cfg.train_encoder)
+    if cfg.head_init == "zeros":
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    model = Classifier(encoder, head, frozen=not cfg.train_encoder, bn_train=bn_train)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
@@ -317,6 +392,10 @@ def finetune(
             total = run.run(train, batches, workers)
         train_loss = float(sum_over_processes(torch.tensor([total], dtype=torch.float64, device=device))) / len(train)
         scheduler.step()
+        if cfg.select_by == "final":
+            history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": None})
+            bar.set_postfix(loss=f"{train_loss:.4f}")
+            continue
         if val_features is not None:
             val_acc = _feature_val_accuracy(head, val_features, val.labels[own_val], len(val), device)
         else:
@@ -325,10 +404,16 @@ def finetune(
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{100 * val_acc:.1f}%")
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch
-            trained = model if cfg.train_encoder else head
+            # The encoder changes when it trains, and its BatchNorm statistics when they run in train mode.
+            trained = model if cfg.train_encoder or bn_train else head
             best_state = copy.deepcopy(trained.state_dict())
     bar.close()
-    (model if cfg.train_encoder else head).load_state_dict(best_state)
+    if cfg.select_by == "final":
+        best_epoch, best_acc = cfg.epochs, None
+    else:
+        (model if cfg.train_encoder or bn_train else head).load_state_dict(best_state)
+    if cfg.dual_bn:
+        single_batchnorm(encoder, ADV_BRANCH)
     return FinetuneResult(model.eval(), best_epoch, best_acc, history)
 
 

@@ -7,6 +7,8 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from .corruptions import corruption_lines
+
 _PACKAGES = ("robustcl", "torch", "transformers", "accelerate", "datasets", "pyautoattack")
 
 
@@ -44,17 +46,24 @@ def format_table(report: dict[str, Any]) -> str:
     if report["AA"] is not None:
         aa = report["attack"]["autoattack"]
         rows.append(("AA", report["AA"], sizes["attacked"], f"AutoAttack {aa['version']}, eps {_eps(aa['epsilon'])}"))
+    preset = f", preset {report['preset']}" if report.get("preset") else ""  # absent from earlier reports
+    if ft["select_by"] == "final":
+        kept = f"last epoch ({ft['epochs']}) kept, no validation split"
+    else:
+        kept = (
+            f"selected epoch {ft['selected_epoch']} of {ft['epochs']} "
+            f"(validation {ft['select_by']} accuracy {_pct(ft['val_accuracy'])})"
+        )
     lines = [
-        f"{report['protocol'].upper()} evaluation of {report['model']} on {report['dataset']['source']}",
-        f"  train {sizes['train']} / val {sizes['val']} / test {sizes['test']} images; "
-        f"selected epoch {ft['selected_epoch']} of {ft['epochs']} "
-        f"(validation {ft['select_by']} accuracy {_pct(ft['val_accuracy'])})",
+        f"{report['protocol'].upper()} evaluation of {report['model']} on {report['dataset']['source']}{preset}",
+        f"  train {sizes['train']} / val {sizes['val']} / test {sizes['test']} images; {kept}",
         f"  {'metric':<6} {'accuracy':>9} {'images':>7}  attack",
     ]
     note = report["dataset"].get("test_split_note")  # absent from reports of earlier versions
     if note:
         lines.insert(1, f"  {note}")
     lines += [f"  {name:<6} {_pct(value):>9} {count:>7}  {what}" for name, value, count, what in rows]
+    lines += corruption_lines(report.get("corruptions"))  # absent from reports of earlier versions
     return "\n".join(lines)
 
 

@@ -20,16 +20,18 @@ from ..data.labels import read_labels
 from ..data.loading import ImageData, OpenedSplit, choose_loading, open_images
 from ..data.streamed import default_workers
 from ..distributed import check_world_size, on_main_process, processes_on_node
-from ..errors import UserError
+from ..errors import UserError, one_line
 from ..export_layout import CLASSIFIER_DIR, CURVE_FILE, PROTOCOLS
 from ..fingerprint import weights_sha256
 from ..json_files import write_json
 from ..locking import folder_lock
-from ..recipe import DataConfig, Recipe, override_recipe
-from .backbone import LoadedModel, load_model
-from .finetune import Classifier, LabelledImages, finetune, split_validation
+from ..recipe import DataConfig, FinetuneConfig, Recipe, override_recipe, parse_override, recipe_from_dict
+from .backbone import FeatureEncoder, LoadedModel, load_model
+from .corruptions import measure_corruptions
+from .finetune import CLEAN_BRANCH, Classifier, LabelledImages, finetune, split_validation
 from .measure import Measurement, measure, pgd_curve_step, require_autoattack
 from .output import checked_output, default_output, run_dir_output
+from .presets import PRESETS, SOURCES, preset_values
 from .report import format_table, plot_curve, software_versions
 from .rows import HeldRows
 from .sharding import owned_rows
@@ -133,13 +135,27 @@ def _train_pixels(train: _Split, data: DataConfig, fraction: float, seed: int, s
     return split_validation(LabelledImages(HeldRows(part, held), train.labels), fraction, seed)
 
 
-def load_eval_data(recipe: Recipe, progress: bool = True, shard_train: bool = False) -> EvalData:
-    """The downstream train/validation/test splits: ``eval.data``, or the pretraining dataset when its path is unset.
+@dataclass
+class OpenedEval:
+    """The downstream splits opened and their labels read and checked, no pixel decoded."""
 
-    Labels are read at once. Pixels are decoded once (uint8 tensors) when ``data.loading`` allows it for the split's
-    size (:func:`_loading`), else left encoded and decoded by the process that reads a row, when it does. With
-    ``shard_train`` (SLF, which reads each training image once) a process decodes only the rows it owns.
-    """
+    train: _Split
+    test: _Split  # the split measured on: eval.data.test_split, or the validation split standing in for it
+    source: dict[str, Any]  # what the report records of the dataset
+
+
+def _split_key(err: UserError, key: str) -> UserError:
+    """``open_images`` names a split ``eval.data.split``; an evaluation reads two: ``train_split``, ``test_split``."""
+    generic = "eval.data.split"
+    if err.where != generic:
+        return err
+    return type(err)(err.what, key, (err.fix or "").replace(generic, key))
+
+
+def open_eval_splits(recipe: Recipe, progress: bool = True) -> OpenedEval:
+    """The downstream train and test splits (``eval.data``, or the pretraining dataset when its path is unset)
+    opened, their labels read and refused in one line when they cannot be evaluated on: what
+    :func:`load_eval_data` decodes, and what pretraining checks before its first step (:mod:`.preflight`)."""
     e, d = recipe.eval.data, recipe.data
     inherited = e.path is None
     path = d.path if inherited else e.path
@@ -154,8 +170,12 @@ def load_eval_data(recipe: Recipe, progress: bool = True, shard_train: bool = Fa
     )
 
     def open_split(split: str, max_key: str) -> OpenedSplit:
-        limit = e.max_train if max_key == "eval.data.max_train" else e.max_test
-        return open_images(path, split, max_samples=limit, max_samples_key=max_key, **common)
+        train = max_key == "eval.data.max_train"
+        limit = e.max_train if train else e.max_test
+        try:
+            return open_images(path, split, max_samples=limit, max_samples_key=max_key, **common)
+        except UserError as err:
+            raise _split_key(err, "eval.data.train_split" if train else "eval.data.test_split") from None
 
     train = _labelled(open_split(e.train_split, "eval.data.max_train"))
     num_classes = train.num_classes
@@ -176,9 +196,6 @@ def load_eval_data(recipe: Recipe, progress: bool = True, shard_train: bool = Fa
             "eval.data.test_split",
             "use train and test splits of the same dataset",
         )
-    fit, val = _train_pixels(train, d, e.val_fraction, recipe.eval.seed, shard_train, progress)
-    streamed = _loading(d, opened_test.decoded_bytes()) == "streamed"
-    test_pixels = opened_test.encoded() if streamed else opened_test.decode(progress)
     source = {
         "source": dataset,
         "path": path,
@@ -192,7 +209,24 @@ def load_eval_data(recipe: Recipe, progress: bool = True, shard_train: bool = Fa
         "num_classes": num_classes,
         "class_names": train.class_names,
     }
-    return EvalData(fit, val, LabelledImages(test_pixels, test.labels), num_classes, source)
+    return OpenedEval(train, test, source)
+
+
+def load_eval_data(recipe: Recipe, progress: bool = True, shard_train: bool = False) -> EvalData:
+    """The downstream train/validation/test splits (:func:`open_eval_splits`), with their pixels.
+
+    Labels are read at once. Pixels are decoded once (uint8 tensors) when ``data.loading`` allows it for the split's
+    size (:func:`_loading`), else left encoded and decoded by the process that reads a row, when it does. With
+    ``shard_train`` (SLF, which reads each training image once) a process decodes only the rows it owns.
+    """
+    e, d = recipe.eval.data, recipe.data
+    opened = open_eval_splits(recipe, progress)
+    fit, val = _train_pixels(opened.train, d, e.val_fraction, recipe.eval.seed, shard_train, progress)
+    test = opened.test.opened
+    streamed = _loading(d, test.decoded_bytes()) == "streamed"
+    test_pixels = test.encoded() if streamed else test.decode(progress)
+    test_data = LabelledImages(test_pixels, opened.test.labels)
+    return EvalData(fit, val, test_data, opened.source["num_classes"], opened.source)
 
 
 def _check_choices(protocol: str | None, attacks: list[str] | None) -> None:
@@ -256,21 +290,24 @@ def evaluate(
     trust_remote_code: bool = False,
     accelerator: Accelerator | None = None,
     progress: bool = True,
+    preset: str | None = None,
 ) -> dict[str, Any]:
     """Evaluate a model with a finetuning protocol; returns the report (also written to ``output`` as JSON, with
     the ε-curve PNG beside it, by the main process).
 
     Settings come from ``recipe``, else the recipe stored with the model, else the defaults, then ``overrides``
-    (``--set``); ``protocol``, ``attacks`` and ``attack_subset`` override their ``eval.*`` keys.
+    (``--set``); ``protocol``, ``attacks``, ``attack_subset`` and ``preset`` override their ``eval.*`` keys (the
+    preset fills the eval.slf / alf / aff keys that neither the recipe nor ``overrides`` set).
     """
     started = time.perf_counter()
     if accelerator is None:
         accelerator = Accelerator(cpu=not torch.cuda.is_available())
         check_world_size(accelerator)
     _check_choices(protocol, attacks)  # what was asked for explicitly fails before a model (download) loads
+    _check_preset(preset)
     loaded = load_model(reference, bn_branch=bn_branch, trust_remote_code=trust_remote_code)
     base = recipe or loaded.recipe or Recipe()
-    recipe = override_recipe(base, overrides, f"evaluation settings of {reference}")
+    recipe = evaluation_recipe(base, overrides, preset, f"evaluation settings of {reference}")
     ev = recipe.eval
     protocol = protocol or ev.protocol
     attacks = list(dict.fromkeys(attacks if attacks is not None else ev.attacks))
@@ -289,6 +326,67 @@ def evaluate(
         return _evaluate(loaded, recipe, protocol, attacks, attack_subset, output, accelerator, progress, started)
 
 
+def _check_preset(preset: str | None) -> None:
+    if preset is not None and preset not in PRESETS:
+        raise UserError(f"unknown preset '{one_line(preset)}'", "--preset", f"choose one of {', '.join(PRESETS)}")
+
+
+def evaluation_recipe(base: Recipe, overrides: list[str] | None, preset: str | None, source: str) -> Recipe:
+    """``base`` with ``overrides`` (--set) and ``preset`` (--preset): the preset fills every eval.slf / alf / aff key
+    that neither ``base`` (where it differs from its own preset) nor ``overrides`` sets."""
+    if preset is not None:  # --preset wins over a --set eval.preset
+        overrides = [text for text in overrides or [] if parse_override(text)[0] != ["eval", "preset"]]
+    # The preset first, so that a --set value equal to the old preset's still counts as chosen.
+    return override_recipe(_with_preset(base, preset, source), overrides, source)
+
+
+def _with_preset(recipe: Recipe, preset: str | None, source: str) -> Recipe:
+    """``recipe`` with eval.preset ``preset``: its eval.slf / alf / aff keys that differ from its own preset stay,
+    the others come from ``preset``."""
+    if preset is None or recipe.eval.preset == preset:
+        return recipe
+    tree = recipe.to_dict()  # eval.slf / alf / aff as their differences from the recipe's preset
+    tree["eval"]["preset"] = preset
+    return recipe_from_dict(tree, f"{source} with --preset {preset}")
+
+
+def _without_validation(recipe: Recipe) -> Recipe:
+    """The settings to load the data with when the last epoch is kept: no validation split (every training image
+    trains, as the reference scripts do). eval.data.val_fraction 0 is below what a recipe accepts, so this copy is
+    made here, unvalidated, for :func:`load_eval_data` only (``split_validation`` reads 0 as "none")."""
+    data = recipe.eval.data.model_copy(update={"val_fraction": 0.0})
+    return recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"data": data})})
+
+
+def _clean_branch(loaded: LoadedModel) -> FeatureEncoder | None:
+    """A run directory's clean ('normal') BatchNorm branch, to start dual-BN AFF's clean branch as the reference
+    scripts do (they load both pretrained branches); None when the model has no other branch (an export holds one)."""
+    if loaded.kind != "run_dir" or loaded.bn_branch in (None, CLEAN_BRANCH):
+        return None
+    from ..export import load_run_encoder
+
+    try:
+        encoder, _, _ = load_run_encoder(Path(loaded.reference), CLEAN_BRANCH)
+    except UserError:  # the run has no 'normal' branch
+        return None
+    return FeatureEncoder(encoder)
+
+
+def _selection(cfg: FinetuneConfig, val_images: int) -> str:
+    if cfg.select_by == "final":
+        return "last epoch; no validation split (the whole training split trains)"
+    how = "clean" if cfg.select_by == "clean" else f"PGD-{cfg.select_attack_steps or cfg.attack_steps}"
+    return f"best {how} accuracy on {val_images} validation images held out of the training split"
+
+
+def _finetune_record(cfg: FinetuneConfig, preset: str, protocol: str) -> dict[str, Any]:
+    """The protocol's settings, and which of them differ from the preset (set in the recipe or with --set)."""
+    settings = cfg.model_dump(mode="json")
+    from_preset = preset_values(preset, protocol)
+    changed = {k: v for k, v in settings.items() if v != from_preset.get(k)}
+    return {**settings, "preset_overrides": changed}
+
+
 def _evaluate(
     loaded: LoadedModel,
     recipe: Recipe,
@@ -303,14 +401,20 @@ def _evaluate(
     """Finetune, measure and write the report (``evaluate`` after its checks, with the output folder locked)."""
     main, ev, reference = accelerator.is_main_process, recipe.eval, loaded.reference
     cfg = getattr(ev, protocol)
-    # Images every epoch (augmentation, attacks): worth decoding once, when they fit; SLF reads each row once.
-    per_epoch = cfg.train_encoder or cfg.augment or cfg.train_attack != "none"
+    # Images every epoch (augmentation, attacks, BatchNorm in train mode): worth decoding once, when they fit; SLF
+    # reads each row once.
+    per_epoch = cfg.train_encoder or cfg.augment or cfg.train_attack != "none" or cfg.encoder_bn_train()
     local = processes_on_node(accelerator)
     show = progress and accelerator.is_local_main_process
-    data = load_eval_data(recipe, progress=show, shard_train=not per_epoch)
+    from .preflight import check_eval_settings  # (it imports this module)
+
+    check_eval_settings(recipe)  # what would stop the evaluation (corrupted set too), before decoding or finetuning
+    final = cfg.select_by == "final"
+    data = load_eval_data(_without_validation(recipe) if final else recipe, progress=show, shard_train=not per_epoch)
     workers = recipe.data.workers if recipe.data.workers is not None else default_workers(local)
     # Ties the report to the exact weights measured: exports ship only the evaluations of their own weights.
     encoder_sha256 = weights_sha256(loaded.encoder.backbone)
+    clean_bn = _clean_branch(loaded) if cfg.dual_bn else None
     result = finetune(
         loaded.encoder,
         data.train,
@@ -323,6 +427,7 @@ def _evaluate(
         progress=progress and main,
         workers=workers,
         key=f"eval.{protocol}",
+        clean_bn=clean_bn,
     )
     _share_weights(result.classifier, accelerator)
     hf_classifier = None
@@ -346,6 +451,8 @@ def _evaluate(
         "model_kind": loaded.kind,
         "bn_branch": loaded.bn_branch,
         "protocol": protocol,
+        "preset": ev.preset,
+        "preset_source": SOURCES[ev.preset],
         "dataset": data.source,
         "split_sizes": {
             "train": len(data.train),
@@ -377,7 +484,11 @@ def _evaluate(
             for eps, flags in measured.curve.items()
         ],
         "finetune": {
-            **cfg.model_dump(mode="json"),
+            **_finetune_record(cfg, ev.preset, protocol),
+            "selection": _selection(cfg, len(data.val)),
+            "dual_bn_clean_start": (
+                None if not cfg.dual_bn else "the run's 'normal' branch" if clean_bn else "the evaluated branch"
+            ),
             "selected_epoch": result.selected_epoch,
             "val_accuracy": result.val_accuracy,
             "history": result.history,
@@ -393,6 +504,7 @@ def _evaluate(
         "curve_png": None,
         "classifier_dir": str(output.with_name(CLASSIFIER_DIR)) if hf_classifier is not None else None,
     }
+    report["corruptions"] = measure_corruptions(result.classifier, recipe, data.source, accelerator, progress and main)
     if main:
         if hf_classifier is not None:
             _save_classifier(hf_classifier, output.with_name(CLASSIFIER_DIR))

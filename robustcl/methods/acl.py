@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..data.batches import BatchRandom
-from ..losses import nt_xent
+from ..losses import AcrossProcesses, nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..recipe import Recipe
 from .base import Method, Paper, encoder_config
@@ -52,9 +52,9 @@ class ACL(Method):
     def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         return self.projector(self.encoder(x, bn_branch=branch).pooler_output, bn_branch=branch)
 
-    def pair_loss(self, x: torch.Tensor, branch: str, across_processes: bool = False) -> torch.Tensor:
-        """NT-Xent of a stacked pair [view1; view2]; the training loss takes its negatives from every process,
-        the attack's loss from this process's batch."""
+    def pair_loss(self, x: torch.Tensor, branch: str, across_processes: AcrossProcesses = False) -> torch.Tensor:
+        """NT-Xent of a stacked pair [view1; view2]; the training loss takes its negatives from every process, the
+        attack's loss as attack.negatives says (:attr:`attack_across_processes`)."""
         z1, z2 = self.embed(x, branch).chunk(2)
         return nt_xent(z1, z2, self.temperature, across_processes)
 
@@ -64,13 +64,13 @@ class ACL(Method):
 
     def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         views = self.views(images, generator, step)
-        branch = self.adv_branch
+        branch, across = self.adv_branch, self.attack_across_processes
         if self.variant == "a2s":
             view1, clean2 = views.chunk(2)
-            adv1 = self.attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch), view1, generator)
+            adv1 = self.attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch, across), view1, generator)
             loss = self.pair_loss(torch.cat([adv1, clean2]), branch, across_processes=True)
             return loss, {"loss_adv": loss.detach()}
-        adv = self.attack(lambda x: self.pair_loss(x, branch), views, generator)
+        adv = self.attack(lambda x: self.pair_loss(x, branch, across), views, generator)
         loss_adv = self.pair_loss(adv, branch, across_processes=True)
         if self.variant == "a2a":
             return loss_adv, {"loss_adv": loss_adv.detach()}

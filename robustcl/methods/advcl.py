@@ -29,7 +29,7 @@ from ..data.batches import BatchRandom
 from ..data.frequency import high_frequency
 from ..errors import UserError
 from ..kmeans import OneProcess, ProcessGroup
-from ..losses import multi_positive_nt_xent
+from ..losses import AcrossProcesses, multi_positive_nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..pseudo_labels import LABELS_FILE, compute_pseudo_labels, load_pseudo_labels, save_pseudo_labels
 from ..recipe import Recipe
@@ -119,7 +119,7 @@ class AdvCL(Method):
         return F.normalize(self.projector(self.encoder(x, bn_branch=branch).pooler_output), dim=1)
 
     def contrastive_loss(
-        self, z_adv: torch.Tensor, clean: list[torch.Tensor], across_processes: bool = False
+        self, z_adv: torch.Tensor, clean: list[torch.Tensor], across_processes: AcrossProcesses = False
     ) -> torch.Tensor:
         return multi_positive_nt_xent(
             [z_adv, *clean], self.temperature, self.opts.temperature_scale, across_processes=across_processes
@@ -146,7 +146,8 @@ class AdvCL(Method):
         else:
             with torch.no_grad(), module_mode(self, train=attack_in_train_mode):
                 clean_const = [self.embed(v, "normal") for v in clean_views]
-        x_cl = self.attack(lambda x: self.contrastive_loss(self.embed(x, "pgd"), clean_const), weak, generator)
+        across = self.attack_across_processes
+        x_cl = self.attack(lambda x: self.contrastive_loss(self.embed(x, "pgd"), clean_const, across), weak, generator)
         x_ce = self.attack(lambda x: self.pseudo_label_loss(x, targets), weak, generator)
 
         loss_cl = self.contrastive_loss(self.embed(x_cl, "pgd"), clean, across_processes=True)

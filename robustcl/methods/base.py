@@ -15,6 +15,7 @@ from torch import nn
 from ..attacks import frozen_parameters, module_mode, pgd_attack
 from ..data.batches import BatchRandom
 from ..data.images import ImageRows
+from ..losses import AcrossProcesses
 from ..models import RobustCLResNetConfig, RobustCLResNetModel
 from ..recipe import ModelConfig, Recipe
 
@@ -143,6 +144,14 @@ class Method(nn.Module):
                 nets.append(child)
         return nets
 
+    @property
+    def attack_across_processes(self) -> AcrossProcesses:
+        """``across_processes`` of the contrastive loss an attack maximises (attack.negatives). global: "share", the
+        negatives of every process and this process's share of the global loss, so that its input gradient is the
+        one a single process holding the whole (micro-)batch computes for these rows. Every process runs the same
+        PGD steps, so the per-step all-gather always has all processes. local: this process's rows only."""
+        return "share" if self.recipe.attack.negatives == "global" else False
+
     def attack(
         self,
         loss_fn: Callable[[torch.Tensor], torch.Tensor],
@@ -169,6 +178,11 @@ class Method(nn.Module):
                 generator=generator,
                 clamp_start=a.clamp_start,
             )
+
+    @property
+    def downstream_encoder(self) -> RobustCLResNetModel:
+        """The encoder exports and evaluations take (DynACL may hand over its moving-average copy instead)."""
+        return self.encoder
 
     @property
     def export_branch(self) -> str | None:

@@ -9,7 +9,8 @@ ACL-DS with two schedules over training (E epochs, stages of N = ``reload_every_
 
 Quirk (``method.dynacl.momentum``, default 0.99 as in the authors' code): the second view of every pair goes
 through an exponential-moving-average copy of the encoder and projector (updated after each step's forward, no
-gradient); ``null`` sends both views through the one encoder as the paper describes.
+gradient); ``null`` sends both views through the one encoder as the paper describes. With it, the encoder exported
+and evaluated is the moving-average one, as the authors' evaluation scripts load (``export_encoder: momentum``).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import torch
 
 from ..data.augment import SimCLRAugment
 from ..data.batches import BatchRandom
-from ..losses import nt_xent
+from ..losses import AcrossProcesses, nt_xent
+from ..models import RobustCLResNetModel
 from ..recipe import Recipe
 from .acl import ACL
 from .base import Paper
@@ -47,6 +49,7 @@ class DynACL(ACL):
         if self.momentum is not None:
             self.momentum_encoder = copy.deepcopy(self.encoder).requires_grad_(False)
             self.momentum_projector = copy.deepcopy(self.projector).requires_grad_(False)
+        self.export_encoder = opts.export_encoder
         self._augments: dict[float, SimCLRAugment] = {}
         self._momentum_step: int | None = None
 
@@ -55,6 +58,14 @@ class DynACL(ACL):
             "DynACL: ½ [(2 − w)·NT-Xent(clean pair, 'normal' BN) + w·NT-Xent(PGD pair, 'pgd' BN)] with the "
             f"augmentation annealed and w raised every {self.stage_epochs:g} epochs, temperature {self.temperature:g}"
         )
+
+    @property
+    def downstream_encoder(self) -> RobustCLResNetModel:
+        # The authors evaluate and finetune their key encoder: train_DynACL.py saves encoder_k's weights as
+        # model_encoder_k.pt (the file test_LF.py / LPAFT.py / assign_label.py load strictly) and validates encoder_k.
+        if self.momentum is not None and self.export_encoder == "momentum":
+            return self.momentum_encoder
+        return self.encoder
 
     def _epochs(self, step: int) -> tuple[float, float]:
         if self.run is None:
@@ -77,7 +88,7 @@ class DynACL(ACL):
         augment = self._augments[s]
         return torch.cat([augment(images, generator), augment(images, generator)])
 
-    def pair_loss(self, x: torch.Tensor, branch: str, across_processes: bool = False) -> torch.Tensor:
+    def pair_loss(self, x: torch.Tensor, branch: str, across_processes: AcrossProcesses = False) -> torch.Tensor:
         if self.momentum is None:
             return super().pair_loss(x, branch, across_processes)
         x1, x2 = x.chunk(2)
@@ -94,7 +105,7 @@ class DynACL(ACL):
 
     def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         views = self.views(images, generator, step)
-        adv = self.attack(lambda x: self.pair_loss(x, "pgd"), views, generator)
+        adv = self.attack(lambda x: self.pair_loss(x, "pgd", self.attack_across_processes), views, generator)
         loss_adv = self.pair_loss(adv, "pgd", across_processes=True)
         loss_clean = self.pair_loss(views, "normal", across_processes=True)
         if self.momentum is not None and self._momentum_step != step:

@@ -1,13 +1,19 @@
 """SimCLR — A Simple Framework for Contrastive Learning of Visual Representations (Chen et al., ICML 2020).
 
-The non-robust baseline and DeACL's stage-1 teacher: two SimCLR views, one BN, a 2-layer projector
-(fc → BN → ReLU → fc, as solo-learn's CIFAR SimCLR that DeACL's teacher came from) and NT-Xent. No attack.
+The non-robust baseline and DeACL's stage-1 teacher: two SimCLR views, one BN, a 2-layer projector and NT-Xent. No
+attack. recipes/simclr.yaml trains it as solo-learn's CIFAR SimCLR (the teacher DeACL distilled from) does: projector
+fc → ReLU → fc (``method.simclr.projector_bn: false``), each view encoded alone (``bn_per_view``), per-view blur and
+solarisation (``augment.blur_p``, ``augment.solarize_p``). The defaults (fc → BN → ReLU → fc, one 2N pass) are those
+of earlier runs.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
+from ..data.augment import SimCLRAugment
 from ..data.batches import BatchRandom
 from ..losses import nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
@@ -34,16 +40,36 @@ class SimCLR(Method):
         self.encoder = RobustCLResNetModel(encoder_config(recipe.model, self.bn_branches))
         dim = self.encoder.config.hidden_size
         self.projector = ProjectionHead(
-            dim, opts.projector_hidden_dim, opts.projector_dim, num_layers=2, last_bn=False, last_bias=True
+            dim,
+            opts.projector_hidden_dim,
+            opts.projector_dim,
+            num_layers=2,
+            last_bn=False,
+            last_bias=True,
+            hidden_bn=opts.projector_bn,
         )
-        self.augment = simclr_augment(recipe)
+        self.augments = view_augments(recipe)
+        self.augment = self.augments[0]  # the first view's pipeline (the two are equal without solarisation)
+        self.bn_per_view = opts.bn_per_view
         self.temperature = recipe.method.temperature
 
     def describe(self) -> str:
         return f"SimCLR: NT-Xent of two augmented views (no adversary), temperature {self.temperature:g}"
 
     def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
-        views = torch.cat([self.augment(images, generator), self.augment(images, generator)])
-        z1, z2 = self.projector(self.encoder(views).pooler_output).chunk(2)
+        views = [augment(images, generator) for augment in self.augments]
+        if self.bn_per_view:
+            z1, z2 = (self.projector(self.encoder(view).pooler_output) for view in views)
+        else:
+            z1, z2 = self.projector(self.encoder(torch.cat(views)).pooler_output).chunk(2)
         loss = nt_xent(z1, z2, self.temperature, across_processes=True)
         return loss, {}
+
+
+def view_augments(recipe: Recipe) -> tuple[SimCLRAugment, SimCLRAugment]:
+    """The two views' pipelines: the recipe's SimCLR views, each with its own ``augment.blur_p`` and
+    ``augment.solarize_p`` (solo-learn builds one pipeline per view)."""
+    a = recipe.augment
+    base = replace(simclr_augment(recipe).params, blur_sigma=tuple(a.blur_sigma))
+    first, second = (replace(base, blur_p=b, solarize_p=s) for b, s in zip(a.blur_p, a.solarize_p))
+    return SimCLRAugment(first), SimCLRAugment(second)

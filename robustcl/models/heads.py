@@ -14,7 +14,8 @@ class ProjectionHead(nn.Module):
     """MLP projection head as in ACL: ``fc1(bias) → BN → ReLU → … → fcN(no bias) [→ BN]``.
 
     Only ``fc1`` has a bias; the others feed a BatchNorm, which makes a bias redundant. Without the last BN
-    (SimCLR, AdvCL) ``last_bias`` gives the last linear layer its bias back.
+    (SimCLR, AdvCL) ``last_bias`` gives the last linear layer its bias back. ``hidden_bn=False`` drops the hidden
+    BNs, so the hidden linear layers keep their biases: ``fc1 → ReLU → … → fcN``, solo-learn's SimCLR projector.
     Layers are named ``fc{i}``/``bn{i}`` to match ACL checkpoints. With ``bn_branches`` every
     BN is a MultiBatchNorm1d and ``forward`` picks the branch per call.
     """
@@ -28,6 +29,7 @@ class ProjectionHead(nn.Module):
         bn_branches: Sequence[str] = (),
         last_bn: bool = True,
         last_bias: bool = False,
+        hidden_bn: bool = True,
     ) -> None:
         super().__init__()
         if num_layers < 1:
@@ -43,8 +45,9 @@ class ProjectionHead(nn.Module):
         dims = [in_dim] + [hidden_dim] * (num_layers - 1) + [out_dim]
         for i in range(num_layers):
             is_last = i == num_layers - 1
-            setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1], bias=i == 0 or (is_last and last_bias)))
-            if not is_last or last_bn:
+            bias = i == 0 or (last_bias if is_last else not hidden_bn)
+            setattr(self, f"fc{i + 1}", nn.Linear(dims[i], dims[i + 1], bias=bias))
+            if (hidden_bn and not is_last) or (is_last and last_bn):
                 setattr(self, f"bn{i + 1}", make_batch_norm(dims[i + 1], self.bn_branches, dim=1))
         self.relu = nn.ReLU(inplace=False)
 
