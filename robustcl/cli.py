@@ -544,6 +544,7 @@ def _click_errors() -> tuple[type[Exception], type[Exception]]:
 def main() -> None:
     """Console entry point: user errors, command-line mistakes included, become one line on stderr and exit code 2;
     bugs keep their traceback."""
+    from .distributed import end_process_group
     from .preemption import TrainingStopped
 
     usage_error, click_exception = _click_errors()
@@ -572,4 +573,6 @@ def main() -> None:
         if _is_main_process():
             print(f"robustcl: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
+    if not code:
+        end_process_group()
     sys.exit(code if isinstance(code, int) else 0)

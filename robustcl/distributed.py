@@ -229,3 +229,14 @@ def first_failure(error: Exception | None, doing: str) -> Exception | None:
     failure = UserError(message)
     failure.exit_code = exit_code
     return failure
+
+
+def end_process_group() -> None:
+    """Tear the process group down once a command has finished its collectives. A process that exits with it alive
+    can abort at interpreter shutdown ("terminate called without an active exception": gloo's worker threads are
+    destroyed after the interpreter, pytorch/pytorch#190489). Only after success: a process that failed may leave
+    the others inside a collective, where tearing down could wait for them."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -212,16 +212,20 @@ def open_eval_splits(recipe: Recipe, progress: bool = True) -> OpenedEval:
     return OpenedEval(train, test, source)
 
 
-def load_eval_data(recipe: Recipe, progress: bool = True, shard_train: bool = False) -> EvalData:
+def load_eval_data(
+    recipe: Recipe, progress: bool = True, shard_train: bool = False, validation: bool = True
+) -> EvalData:
     """The downstream train/validation/test splits (:func:`open_eval_splits`), with their pixels.
 
     Labels are read at once. Pixels are decoded once (uint8 tensors) when ``data.loading`` allows it for the split's
     size (:func:`_loading`), else left encoded and decoded by the process that reads a row, when it does. With
-    ``shard_train`` (SLF, which reads each training image once) a process decodes only the rows it owns.
+    ``shard_train`` (SLF, which reads each training image once) a process decodes only the rows it owns. Without
+    ``validation`` (the last epoch is kept) no validation split is carved out: every training image trains.
     """
     e, d = recipe.eval.data, recipe.data
     opened = open_eval_splits(recipe, progress)
-    fit, val = _train_pixels(opened.train, d, e.val_fraction, recipe.eval.seed, shard_train, progress)
+    fraction = e.val_fraction if validation else 0.0  # none: every training image trains, the last epoch is kept
+    fit, val = _train_pixels(opened.train, d, fraction, recipe.eval.seed, shard_train, progress)
     test = opened.test.opened
     streamed = _loading(d, test.decoded_bytes()) == "streamed"
     test_pixels = test.encoded() if streamed else test.decode(progress)
@@ -350,14 +354,6 @@ def _with_preset(recipe: Recipe, preset: str | None, source: str) -> Recipe:
     return recipe_from_dict(tree, f"{source} with --preset {preset}")
 
 
-def _without_validation(recipe: Recipe) -> Recipe:
-    """The settings to load the data with when the last epoch is kept: no validation split (every training image
-    trains, as the reference scripts do). eval.data.val_fraction 0 is below what a recipe accepts, so this copy is
-    made here, unvalidated, for :func:`load_eval_data` only (``split_validation`` reads 0 as "none")."""
-    data = recipe.eval.data.model_copy(update={"val_fraction": 0.0})
-    return recipe.model_copy(update={"eval": recipe.eval.model_copy(update={"data": data})})
-
-
 def _clean_branch(loaded: LoadedModel) -> FeatureEncoder | None:
     """A run directory's clean ('normal') BatchNorm branch, to start dual-BN AFF's clean branch as the reference
     scripts do (they load both pretrained branches); None when the model has no other branch (an export holds one)."""
@@ -410,7 +406,7 @@ def _evaluate(
 
     check_eval_settings(recipe)  # what would stop the evaluation (corrupted set too), before decoding or finetuning
     final = cfg.select_by == "final"
-    data = load_eval_data(_without_validation(recipe) if final else recipe, progress=show, shard_train=not per_epoch)
+    data = load_eval_data(recipe, progress=show, shard_train=not per_epoch, validation=not final)
     workers = recipe.data.workers if recipe.data.workers is not None else default_workers(local)
     # Ties the report to the exact weights measured: exports ship only the evaluations of their own weights.
     encoder_sha256 = weights_sha256(loaded.encoder.backbone)
