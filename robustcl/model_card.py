@@ -191,21 +191,28 @@ def _compute(facts: CardFacts) -> dict[str, Any] | None:
 def _evaluation_rows(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     rows = []
     for e in evaluations:
-        rows.append(
-            {
-                "protocol": e["protocol"].upper() + (f" ({_md(e['preset'])} preset)" if e.get("preset") else ""),
-                "dataset": _md(dataset_display(e["dataset"]["path"]) + f" ({e['dataset']['test_split']})"),
-                "epsilon": _eps(e["epsilon"]),
-                "SA": _pct(e["SA"]),
-                "RA": _pct(e["RA"]),
-                "AA": _pct(e["AA"]),
-                "test_images": e["split_sizes"]["test"],
-                "attacked": e["split_sizes"]["attacked"],
-                "selected_epoch": e["finetune"]["selected_epoch"],
-                "epochs": e["finetune"]["epochs"],
-            }
-        )
+        protocol = e["protocol"].upper() + (f" ({_md(e['preset'])} preset)" if e.get("preset") else "")
+        epochs = (e["finetune"]["selected_epoch"], e["finetune"]["epochs"])
+        rows.append(_row(protocol, e, e["dataset"]["test_split"], e, epochs))
     return rows + _ensemble_row(evaluations)
+
+
+def _row(
+    protocol: str, report: dict[str, Any], test_split: str, figures: dict[str, Any], epochs: tuple[Any, Any]
+) -> dict[str, Any]:
+    """One row of the evaluation table: ``figures`` (SA, RA, AA, epsilon) measured on ``report``'s test data."""
+    return {
+        "protocol": protocol,
+        "dataset": _md(dataset_display(report["dataset"]["path"]) + f" ({test_split})"),
+        "epsilon": _eps(figures["epsilon"]),
+        "SA": _pct(figures["SA"]),
+        "RA": _pct(figures["RA"]),
+        "AA": _pct(figures["AA"]),
+        "test_images": report["split_sizes"]["test"],
+        "attacked": report["split_sizes"]["attacked"],
+        "selected_epoch": epochs[0],
+        "epochs": epochs[1],
+    }
 
 
 def _ensemble_row(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -215,21 +222,8 @@ def _ensemble_row(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     figures = card_ensemble(evaluations)
     if figures is None:
         return []
-    first = evaluations[0]
-    return [
-        {
-            "protocol": "Ensemble (mean of SLF, ALF, AFF)",
-            "dataset": _md(dataset_display(first["dataset"]["path"]) + f" ({figures['test_split']})"),
-            "epsilon": _eps(figures["epsilon"]),
-            "SA": _pct(figures["SA"]),
-            "RA": _pct(figures["RA"]),
-            "AA": _pct(figures["AA"]),
-            "test_images": first["split_sizes"]["test"],
-            "attacked": first["split_sizes"]["attacked"],
-            "selected_epoch": "–",
-            "epochs": "–",
-        }
-    ]
+    protocol = "Ensemble (mean of SLF, ALF, AFF)"
+    return [_row(protocol, evaluations[0], figures["test_split"], figures, ("–", "–"))]
 
 
 def _threat(evaluations: list[dict[str, Any]]) -> dict[str, str]:

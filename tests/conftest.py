@@ -65,3 +65,17 @@ def exported(run, tmp_path_factory) -> Path:
 def bare(tmp_path_factory) -> Path:
     """Python of a virtual environment with only torch, transformers and safetensors (and their dependencies)."""
     return bare_python(tmp_path_factory.mktemp("bare") / "venv")
+
+
+@pytest.fixture(scope="module")
+def tiny_export(tmp_path_factory) -> Path:
+    """An export (robustcl export layout) of a seeded two-stage width-8/16 encoder: what evaluation tests load."""
+    import torch
+
+    from robustcl.export import export_encoder
+    from robustcl.models import RobustCLResNetConfig, RobustCLResNetModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("export") / "tiny-encoder"
+    export_encoder(RobustCLResNetModel(RobustCLResNetConfig(block_layers=[1, 1], widths=[8, 16])), None, out)
+    return out

@@ -172,19 +172,6 @@ EVAL_SETS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    from robustcl.evaluation.backbone import FeatureEncoder
-    from robustcl.export import export_encoder
-    from robustcl.models import RobustCLResNetConfig, RobustCLResNetModel
-
-    torch.manual_seed(0)
-    encoder = FeatureEncoder(RobustCLResNetModel(RobustCLResNetConfig(block_layers=[1, 1], widths=[8, 16]))).eval()
-    out = tmp_path_factory.mktemp("export") / "tiny-encoder"
-    export_encoder(encoder.backbone, None, out)
-    return out
-
-
 def test_evaluate_reports_corruptions_in_eval_json_and_the_table(tmp_path, tiny_export, corrupted, cli):
     from robustcl.models import RobustCLResNetForImageClassification
 

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from helpers import call_main, user_error, with_sets
 
 SETS = [
@@ -80,19 +79,6 @@ def test_ensemble_refuses_reports_of_different_encoders_or_settings():
     assert "preset" in user_error(ensemble, other)
     assert "one each of slf, alf, aff" in user_error(ensemble, reports[:2])
     assert "one each of slf, alf, aff" in user_error(ensemble, [reports[0], reports[0], reports[2]])
-
-
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    from robustcl.evaluation.backbone import FeatureEncoder
-    from robustcl.export import export_encoder
-    from robustcl.models import RobustCLResNetConfig, RobustCLResNetModel
-
-    torch.manual_seed(0)
-    encoder = FeatureEncoder(RobustCLResNetModel(RobustCLResNetConfig(block_layers=[1, 1], widths=[8, 16]))).eval()
-    out = tmp_path_factory.mktemp("export") / "tiny-encoder"
-    export_encoder(encoder.backbone, None, out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -224,15 +224,6 @@ EVAL_SETS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory):
-    from robustcl.export import export_encoder
-
-    out = tmp_path_factory.mktemp("export") / "tiny-encoder"
-    export_encoder(_tiny_encoder().backbone, None, out)
-    return out
-
-
 def test_export_dir_is_evaluated_without_importing_training_code(tmp_path, tiny_export):
     out = tmp_path / "report" / "eval.json"
     script = f"""

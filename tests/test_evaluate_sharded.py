@@ -63,17 +63,6 @@ rank = os.environ.get("RANK", "0")
 
 
 @pytest.fixture(scope="module")
-def tiny_export(tmp_path_factory) -> Path:
-    from robustcl.export import export_encoder
-    from robustcl.models import RobustCLResNetConfig, RobustCLResNetModel
-
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("export") / "tiny-encoder"
-    export_encoder(RobustCLResNetModel(RobustCLResNetConfig(block_layers=[1, 1], widths=[8, 16])), None, out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def launched(tmp_path_factory, tiny_export) -> dict[int, Path]:
     """Output folders of the same two evaluations (SLF, AFF) run by 1 process and by 2 gloo processes."""
     root = tmp_path_factory.mktemp("sharded")
