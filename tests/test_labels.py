@@ -26,7 +26,8 @@ import torch
 from helpers import REPO, TINY, call_main, user_error
 
 from robustcl.data.loading import BUILTIN_DIGITS, check_dataset, load_images
-from robustcl.evaluation.run import load_eval_data, run_dir_output
+from robustcl.evaluation.run import run_dir_output
+from robustcl.evaluation.splits import load_eval_data
 from robustcl.recipe import Recipe, override_recipe
 
 QUICK = str(REPO / "recipes" / "quickstart.yaml")

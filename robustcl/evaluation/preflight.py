@@ -13,13 +13,13 @@ from ..errors import UserError
 from ..recipe import Recipe
 from .corruptions import open_corruptions
 from .measure import require_autoattack
-from .run import open_eval_splits
+from .splits import open_eval_splits
 
 
 def check_eval_settings(recipe: Recipe, progress: bool = False) -> None:
     """Open every split the evaluation reads (metadata and labels, no pixel decoded) and raise the one-line
     :class:`UserError` the evaluation would: a missing split, a test split without labels (and no labelled
-    ``validation`` split to stand in, see ``run._open_test``), fewer than 2 classes, test labels the training split
+    ``validation`` split to stand in, see ``splits._open_test``), fewer than 2 classes, test labels the training split
     lacks, an ``eval.corruptions`` set that cannot be measured (columns, severities, labels), AutoAttack asked for
     but not installed.
 
