@@ -156,7 +156,8 @@ def _pretraining(facts: CardFacts) -> dict[str, Any] | None:
     a, o, s = recipe.attack, recipe.optimizer, recipe.schedule
     attack = (
         f"PGD-{a.steps}, ε {_eps(a.epsilon)}, step {_eps(a.step_size)}, "
-        f"{'random' if a.random_start else 'no random'} start, BN in {a.bn_mode} mode"
+        f"{'random' if a.random_start else 'no random'} start, BN in {a.bn_mode} mode, {a.precision}, "
+        f"{a.negatives} negatives"
         if a.steps > 0 and a.epsilon > 0 and (facts.method is None or facts.method.adversarial)
         else "none"
     )
@@ -169,7 +170,8 @@ def _pretraining(facts: CardFacts) -> dict[str, Any] | None:
         "attack": attack,
         "optimizer": f"{o.name.upper()}, lr {o.peak_lr(recipe.training.batch_size):g}, weight decay "
         f"{o.weight_decay:g}, momentum {o.momentum:g}; "
-        f"{s.name} schedule, {s.warmup_epochs:g} warm-up epochs",
+        f"{s.name} schedule set every {s.unit}, {s.warmup_epochs:g} warm-up epochs"
+        + (f" from lr {s.warmup_start_lr:g}" if s.warmup_start_lr is not None else ""),
         "batch_size": recipe.training.batch_size,
     }
 

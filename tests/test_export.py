@@ -219,3 +219,17 @@ def test_card_without_evaluation_claims_no_numbers(tmp_path):
     card = ModelCard.load(tmp_path / "bare-encoder" / "README.md")
     assert card.data.eval_results is None and "model-index" not in card.content
     assert "has not been evaluated yet" in card.text and not re.findall(r"\d+\.\d\d%", card.text)
+
+
+def test_the_card_states_the_attack_and_schedule_settings_a_reader_compares_with_the_paper():
+    """The settings that make a figure comparable (attack precision and negatives, the lr schedule's unit and
+    warm-up start) are on the card, as the recipe trained them."""
+    from robustcl.model_card import CardFacts, render_model_card
+    from robustcl.models import RobustCLResNetConfig, RobustCLResNetModel
+    from robustcl.recipe import load_recipe
+
+    recipe = load_recipe("recipes/deacl.yaml", ["attack.negatives=local"])
+    model = RobustCLResNetModel(RobustCLResNetConfig(block_layers=[1, 1], widths=[8, 16]))
+    text = str(render_model_card(CardFacts(repo_id="org/x", license="mit", model=model, resolution=8, recipe=recipe)))
+    assert "BN in eval mode, fp32, local negatives" in text
+    assert "cosine schedule set every epoch, 10 warm-up epochs from lr 0.003" in text
