@@ -121,11 +121,11 @@ def _direct_accuracy(model: nn.Module, path: Path) -> dict[str, dict[str, float]
 
 
 def test_figures_are_the_accuracy_on_each_corruption_and_severity(corrupted, digits_classifier):
-    from robustcl.evaluation.corruptions import measure_corruptions
+    from robustcl.evaluation.corruptions import measure_corruptions, open_corruptions
 
-    report = measure_corruptions(
-        digits_classifier, _recipe(corrupted), DIGITS_TRAIN, Accelerator(cpu=True), progress=False
-    )
+    recipe = _recipe(corrupted)
+    opened = open_corruptions(recipe, DIGITS_TRAIN)
+    report = measure_corruptions(digits_classifier, opened, recipe, Accelerator(cpu=True), progress=False)
     expected = _direct_accuracy(digits_classifier, corrupted)
     assert _flat(report["accuracy"]) == pytest.approx(_flat(expected), abs=1e-12)
     assert set(report["accuracy"]) == set(CORRUPTIONS)
@@ -142,21 +142,23 @@ def test_figures_are_the_accuracy_on_each_corruption_and_severity(corrupted, dig
 
 
 def test_a_chosen_list_of_corruptions_keeps_only_those(corrupted, digits_classifier):
-    from robustcl.evaluation.corruptions import measure_corruptions
+    from robustcl.evaluation.corruptions import measure_corruptions, open_corruptions
 
     recipe = _recipe(corrupted, corruptions=["brightness"])
-    report = measure_corruptions(digits_classifier, recipe, DIGITS_TRAIN, Accelerator(cpu=True), progress=False)
+    opened = open_corruptions(recipe, DIGITS_TRAIN)
+    report = measure_corruptions(digits_classifier, opened, recipe, Accelerator(cpu=True), progress=False)
     assert list(report["accuracy"]) == ["brightness"] and report["images"] == 5 * IMAGES
     expected = _direct_accuracy(digits_classifier, corrupted)["brightness"]
     assert report["accuracy"]["brightness"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_no_corrupted_set_means_no_measurement(digits_classifier):
-    from robustcl.evaluation.corruptions import measure_corruptions
+    from robustcl.evaluation.corruptions import measure_corruptions, open_corruptions
 
     recipe = recipe_from_dict({"data": {"path": "builtin:digits", "resolution": 8}})
     assert recipe.eval.corruptions.path is None
-    assert measure_corruptions(digits_classifier, recipe, DIGITS_TRAIN, Accelerator(cpu=True)) is None
+    assert open_corruptions(recipe, DIGITS_TRAIN) is None
+    assert measure_corruptions(digits_classifier, None, recipe, Accelerator(cpu=True)) is None
 
 
 # ------------------------------------------------------------------------------- end to end, through the CLI

@@ -55,6 +55,7 @@ class CorruptedSet:
     names: list[str]  # the corruptions, in the order they first appear
     codes: np.ndarray  # int64 [N]: each row's corruption, an index into ``names``
     severities: np.ndarray  # int64 [N], 1..5
+    num_classes: int  # the training split's: the classifier's outputs
 
 
 def _arrow(ds: datasets.Dataset, column: str) -> Any:
@@ -198,7 +199,7 @@ def open_corruptions(recipe: Recipe, classes: dict[str, Any], progress: bool = F
     severities = _severities(opened, c.severity_column)
     reference = _Classes(classes["class_names"], classes["source"])
     labels = _labels(opened, reference, classes["num_classes"], (c.corruption_column, c.severity_column))
-    return CorruptedSet(opened, labels, names, codes, severities)
+    return CorruptedSet(opened, labels, names, codes, severities, classes["num_classes"])
 
 
 def corruption_report(corrupted: CorruptedSet, correct: torch.Tensor) -> dict[str, Any]:
@@ -239,14 +240,13 @@ def corruption_report(corrupted: CorruptedSet, correct: torch.Tensor) -> dict[st
 
 def measure_corruptions(
     classifier: nn.Module,
+    corrupted: CorruptedSet | None,
     recipe: Recipe,
-    classes: dict[str, Any],
     accelerator: Accelerator,
     progress: bool = True,
 ) -> dict[str, Any] | None:
-    """The classifier's accuracy on ``eval.corruptions`` (see :func:`corruption_report`), None when it is not set;
-    ``classes``: the training split's ``source``, ``class_names`` and ``num_classes`` (an evaluation's ``dataset``)."""
-    corrupted = open_corruptions(recipe, classes)
+    """The classifier's accuracy on the corrupted set ``open_corruptions`` opened (see :func:`corruption_report`),
+    None when there is none."""
     if corrupted is None:
         return None
     clean_only = recipe.eval.attack.model_copy(update={"curve_epsilons": []})
@@ -257,7 +257,7 @@ def measure_corruptions(
         clean_only,
         [],
         accelerator,
-        num_classes=classes["num_classes"],
+        num_classes=corrupted.num_classes,
         seed=recipe.eval.seed,
         progress=progress,
     )

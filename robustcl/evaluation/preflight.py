@@ -1,7 +1,7 @@
 """An evaluation's settings checked without decoding a pixel: what ``robustcl pretrain`` runs before its first step
 when the run ends with an evaluation (``eval.after_pretrain``), so that a setting the evaluation would refuse stops
-the run before it trains, not after hours of training; ``robustcl evaluate`` runs the same checks before it
-finetunes.
+the run before it trains, not after hours of training. ``robustcl evaluate`` opens the same splits and corrupted
+set (the functions used here) before it finetunes, and keeps them for the evaluation.
 """
 
 from __future__ import annotations

@@ -21,14 +21,13 @@ from ..json_files import write_json
 from ..locking import folder_lock
 from ..recipe import FinetuneConfig, Recipe, override_recipe, parse_override, recipe_from_dict
 from .backbone import FeatureEncoder, LoadedModel, load_model
-from .corruptions import measure_corruptions
+from .corruptions import measure_corruptions, open_corruptions
 from .finetune import CLEAN_BRANCH, Classifier, finetune
 from .measure import Measurement, measure, pgd_curve_step, require_autoattack
 from .output import checked_output, default_output, run_dir_output
-from .preflight import check_eval_settings
 from .presets import PRESETS, SOURCES, preset_values
 from .report import format_table, plot_curve, software_versions
-from .splits import load_eval_data
+from .splits import eval_pixels, open_eval_splits
 
 ATTACKS = ("pgd20", "autoattack")
 
@@ -202,9 +201,11 @@ def _evaluate(
     per_epoch = cfg.train_encoder or cfg.augment or cfg.train_attack != "none" or cfg.encoder_bn_train()
     local = processes_on_node(accelerator)
     show = progress and accelerator.is_local_main_process
-    check_eval_settings(recipe)  # what would stop the evaluation (corrupted set too), before decoding or finetuning
+    # Opened and checked once (labels, the corrupted set's columns and severities) before decoding or finetuning.
+    opened = open_eval_splits(recipe, show)
+    corrupted = open_corruptions(recipe, opened.source, show)
     final = cfg.select_by == "final"
-    data = load_eval_data(recipe, progress=show, shard_train=not per_epoch, validation=not final)
+    data = eval_pixels(opened, recipe, progress=show, shard_train=not per_epoch, validation=not final)
     workers = recipe.data.workers if recipe.data.workers is not None else default_workers(local)
     # Ties the report to the exact weights measured: exports ship only the evaluations of their own weights.
     encoder_sha256 = weights_sha256(loaded.encoder.backbone)
@@ -298,7 +299,7 @@ def _evaluate(
         "curve_png": None,
         "classifier_dir": str(output.with_name(CLASSIFIER_DIR)) if hf_classifier is not None else None,
     }
-    report["corruptions"] = measure_corruptions(result.classifier, recipe, data.source, accelerator, progress and main)
+    report["corruptions"] = measure_corruptions(result.classifier, corrupted, recipe, accelerator, progress and main)
     if main:
         if hf_classifier is not None:
             _save_classifier(hf_classifier, output.with_name(CLASSIFIER_DIR))

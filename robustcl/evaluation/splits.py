@@ -196,15 +196,20 @@ def open_eval_splits(recipe: Recipe, progress: bool = True) -> OpenedEval:
 def load_eval_data(
     recipe: Recipe, progress: bool = True, shard_train: bool = False, validation: bool = True
 ) -> EvalData:
-    """The downstream train/validation/test splits (:func:`open_eval_splits`), with their pixels.
+    """The downstream train/validation/test splits opened (:func:`open_eval_splits`) and given their pixels
+    (:func:`eval_pixels`)."""
+    return eval_pixels(open_eval_splits(recipe, progress), recipe, progress, shard_train, validation)
 
-    Labels are read at once. Pixels are decoded once (uint8 tensors) when ``data.loading`` allows it for the split's
-    size (:func:`_loading`), else left encoded and decoded by the process that reads a row, when it does. With
-    ``shard_train`` (SLF, which reads each training image once) a process decodes only the rows it owns. Without
-    ``validation`` (the last epoch is kept) no validation split is carved out: every training image trains.
+
+def eval_pixels(
+    opened: OpenedEval, recipe: Recipe, progress: bool = True, shard_train: bool = False, validation: bool = True
+) -> EvalData:
+    """The opened splits with their pixels: decoded once (uint8 tensors) when ``data.loading`` allows it for the
+    split's size (:func:`_loading`), else left encoded and decoded by the process that reads a row, when it does.
+    With ``shard_train`` (SLF, which reads each training image once) a process decodes only the rows it owns.
+    Without ``validation`` (the last epoch is kept) no validation split is carved out: every training image trains.
     """
     e, d = recipe.eval.data, recipe.data
-    opened = open_eval_splits(recipe, progress)
     fraction = e.val_fraction if validation else 0.0  # none: every training image trains, the last epoch is kept
     fit, val = _train_pixels(opened.train, d, fraction, recipe.eval.seed, shard_train, progress)
     test = opened.test.opened

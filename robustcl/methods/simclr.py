@@ -9,17 +9,14 @@ of earlier runs.
 
 from __future__ import annotations
 
-from dataclasses import replace
-
 import torch
 
-from ..data.augment import SimCLRAugment
 from ..data.batches import BatchRandom
 from ..losses import nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..recipe import Recipe
 from .base import Method, Paper, encoder_config
-from .views import simclr_augment
+from .views import simclr_view_pair
 
 
 class SimCLR(Method):
@@ -48,8 +45,7 @@ class SimCLR(Method):
             last_bias=True,
             hidden_bn=opts.projector_bn,
         )
-        self.augments = view_augments(recipe)
-        self.augment = self.augments[0]  # the first view's pipeline (the two are equal without solarisation)
+        self.augments = simclr_view_pair(recipe)
         self.bn_per_view = opts.bn_per_view
         self.temperature = recipe.method.temperature
 
@@ -64,12 +60,3 @@ class SimCLR(Method):
             z1, z2 = self.projector(self.encoder(torch.cat(views)).pooler_output).chunk(2)
         loss = nt_xent(z1, z2, self.temperature, across_processes=True)
         return loss, {}
-
-
-def view_augments(recipe: Recipe) -> tuple[SimCLRAugment, SimCLRAugment]:
-    """The two views' pipelines: the recipe's SimCLR views, each with its own ``augment.blur_p`` and
-    ``augment.solarize_p`` (solo-learn builds one pipeline per view)."""
-    a = recipe.augment
-    base = replace(simclr_augment(recipe).params, blur_sigma=tuple(a.blur_sigma))
-    first, second = (replace(base, blur_p=b, solarize_p=s) for b, s in zip(a.blur_p, a.solarize_p))
-    return SimCLRAugment(first), SimCLRAugment(second)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from ..data.augment import SimCLRAugment, SimCLRAugmentParams, WeakAugment, WeakAugmentParams
 from ..data.crops import CropPlan
 from ..errors import UserError
@@ -25,6 +27,15 @@ def simclr_augment(recipe: Recipe, strength: float = 1.0) -> SimCLRAugment:
             grayscale_p=a.grayscale_p * strength,
         )
     )
+
+
+def simclr_view_pair(recipe: Recipe) -> tuple[SimCLRAugment, SimCLRAugment]:
+    """The two views' pipelines: the recipe's SimCLR views, each with its own ``augment.blur_p`` and
+    ``augment.solarize_p`` (solo-learn builds one pipeline per view)."""
+    a = recipe.augment
+    base = replace(simclr_augment(recipe).params, blur_sigma=tuple(a.blur_sigma))
+    first, second = (replace(base, blur_p=b, solarize_p=s) for b, s in zip(a.blur_p, a.solarize_p))
+    return SimCLRAugment(first), SimCLRAugment(second)
 
 
 def weak_augment(recipe: Recipe) -> WeakAugment:
