@@ -1,5 +1,6 @@
 """The ``robustcl`` command line. It only parses arguments and calls the library; each command imports what it
-needs (``import robustcl`` itself loads only torch and the transformers model classes it registers)."""
+needs in its body (``import robustcl`` itself loads neither torch nor transformers), so ``--help`` answers at once
+(tests/test_startup.py)."""
 
 from __future__ import annotations
 
@@ -305,21 +306,23 @@ def cluster(
     method.advcl.clusters. Writes one safetensors file that records which images it labels; point the recipe at it
     with method.advcl.pseudo_labels."""
     from .data.loading import open_pretraining_split, pretraining_images
+    from .method_options.advcl import AdvCLSection
     from .pseudo_labels import LABELS_FILE, check_labels_output, compute_pseudo_labels, save_pseudo_labels
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_)
-    target = output or Path(loaded.method.advcl.pseudo_labels or LABELS_FILE)
+    advcl = getattr(loaded.method, "advcl", None) or AdvCLSection()  # another method's recipe: AdvCL's defaults
+    target = output or Path(advcl.pseudo_labels or LABELS_FILE)
     check_labels_output(target, "--output" if output else "method.advcl.pseudo_labels")
     images = pretraining_images(open_pretraining_split(loaded.data), loaded.data)
-    from .evaluation.backbone import load_model
+    from .encoder_loading import load_encoder
 
-    model = load_model(encoder, revision=revision, trust_remote_code=trust_remote_code).encoder
+    model = load_encoder(encoder, revision=revision, trust_remote_code=trust_remote_code).encoder
     labels = compute_pseudo_labels(
         model,
         encoder,
         images,
-        loaded.method.advcl.clusters,
+        advcl.clusters,
         seed=loaded.training.seed if seed is None else seed,
         normalize=normalize,
         batch_size=batch_size,
@@ -406,12 +409,12 @@ def recipe_validate(
 ) -> None:
     """Check a recipe: keys, types, ranges and (by default) that the dataset opens and has an image column.
     Exits 0 when valid, 2 with a one-line error otherwise."""
-    from .methods import METHODS
+    from .method_registry import method_class
     from .methods.views import original_crop_plan
     from .recipe import load_recipe
 
     loaded = load_recipe(recipe, set_)
-    original_crop_plan(loaded, METHODS[loaded.method.name].original_crops)  # settings that only fit together
+    original_crop_plan(loaded, method_class(loaded.method.name).original_crops)  # settings that only fit together
     if check_data:
         from .data.loading import check_dataset
 
@@ -544,7 +547,6 @@ def _click_errors() -> tuple[type[Exception], type[Exception]]:
 def main() -> None:
     """Console entry point: user errors, command-line mistakes included, become one line on stderr and exit code 2;
     bugs keep their traceback."""
-    from .distributed import end_process_group
     from .preemption import TrainingStopped
 
     usage_error, click_exception = _click_errors()
@@ -573,6 +575,10 @@ def main() -> None:
         if _is_main_process():
             print(f"robustcl: {stopped}", file=sys.stderr)
         sys.exit(stopped.exit_code)
-    if not code:
+    # Without torch.distributed loaded there is no process group, and importing it (accelerate, torch) would cost
+    # --help its start-up time.
+    if not code and "torch.distributed" in sys.modules:
+        from .distributed import end_process_group
+
         end_process_group()
     sys.exit(code if isinstance(code, int) else 0)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .encoder_loading import load_run, single_branch_encoder
 from .errors import StorageError, UserError, describe_write_failure, is_write_failure
 from .export_layout import (
     CARD_FILE,
@@ -33,25 +34,11 @@ from .export_layout import (
 )
 from .fingerprint import weights_sha256
 from .locking import folder_lock
-from .methods.base import Method
 from .model_card import CardFacts, render_model_card
-from .model_loading import check_model_size, load_checkpoint_weights, load_model_folder
+from .model_loading import load_model_folder
 from .models import RobustCLResNetForImageClassification, RobustCLResNetModel, RobustCLResNetPreTrainedModel
 from .native_export import REMOTE_CODE_FORMAT, check_native, checked_format, native_resnet
 from .recipe import Recipe
-from .run_dir import TRAIN_STATE, read_run_recipe, require_checkpoint
-
-
-def single_branch_encoder(encoder: RobustCLResNetModel, bn_branch: str | None) -> RobustCLResNetModel:
-    """A plain-BN copy of ``encoder`` keeping ``bn_branch`` (ignored for single-branch encoders), in eval mode."""
-    branches = list(encoder.config.bn_branches)
-    if branches and bn_branch not in branches:
-        raise UserError(
-            f"BN branch '{bn_branch}' does not exist in this encoder",
-            "export.bn_branch",
-            f"choose one of {', '.join(branches)}",
-        )
-    return encoder.to_single_branch(bn_branch if branches else None).eval()
 
 
 def image_processor_config(
@@ -236,53 +223,6 @@ def export_encoder(
     return model
 
 
-def _branch_for(method: Method, recipe: Recipe, bn_branch: str | None) -> str | None:
-    """The branch asked for, else the recipe's, else the method's adversarial one."""
-    return bn_branch or recipe.export.bn_branch or method.export_branch
-
-
-def _method_from_run(run_dir: Path) -> tuple[Method, Recipe, dict[str, Any]]:
-    """Rebuild a run's method from its recipe, load its newest complete checkpoint (strictly) and return the
-    checkpoint's compute record (steps, images seen, wall time, hardware)."""
-    from .methods import build_method
-
-    run_dir = Path(run_dir)
-    recipe = read_run_recipe(run_dir)
-    if recipe is None:
-        raise UserError(
-            "not a robustcl run directory (no recipe.yaml)",
-            str(run_dir),
-            "give the --output-dir of a robustcl pretrain run",
-        )
-    checkpoint = require_checkpoint(run_dir)
-    check_model_size(
-        recipe.model,
-        str(run_dir / RECIPE_FILE),
-        "use a machine with more memory (model.widths and model.block_layers set the size)",
-    )
-    method = build_method(recipe)
-    # A checkpoint that does not fit the recipe's model (robustcl wrote it for another model.* section) is refused
-    # in one line, not loaded partly.
-    load_checkpoint_weights(
-        method,
-        checkpoint / WEIGHTS_FILE,
-        "the checkpoint does not belong to this run's recipe.yaml: give the run directory it was written in, or "
-        "move this checkpoint folder away to use an earlier one",
-    )
-    state = json.loads((checkpoint / TRAIN_STATE).read_text())
-    compute = {"steps": int(state["step"]), **state.get("compute", {})}
-    if "images_seen" not in compute:  # checkpoints written before the compute record existed
-        compute = None
-    return method, recipe, compute
-
-
-def load_run_encoder(run_dir: Path, bn_branch: str | None = None) -> tuple[RobustCLResNetModel, Recipe, str | None]:
-    """The newest checkpoint's encoder as a plain-BN model (eval mode), its recipe and the branch kept."""
-    method, recipe, _ = _method_from_run(run_dir)
-    branch = _branch_for(method, recipe, bn_branch)
-    return single_branch_encoder(method.downstream_encoder, branch), recipe, branch
-
-
 @dataclass
 class ExportResult:
     out_dir: Path
@@ -364,9 +304,9 @@ def export_run(
     """
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     checked_format(export_format, classifier)
-    method, recipe, compute = _method_from_run(run_dir)
-    branch = _branch_for(method, recipe, bn_branch)
-    encoder = single_branch_encoder(method.downstream_encoder, branch)
+    run = load_run(run_dir)
+    recipe = run.recipe
+    encoder, branch = run.single_branch(bn_branch)
     if export_format == NATIVE_FORMAT:
         check_native(encoder.config)
     fingerprint = weights_sha256(encoder)
@@ -383,10 +323,10 @@ def export_run(
         license=recipe.export.license,
         model=model,
         resolution=recipe.data.resolution,
-        bn_branch=branch if method.downstream_encoder.config.bn_branches else None,
-        method=method,
+        bn_branch=branch if run.encoder.config.bn_branches else None,
+        method=run.record.method,
         recipe=recipe,
-        compute=compute,
+        compute=run.compute,
         evaluations=reports,
         classifier_protocol=classifier,
         export_format=export_format,

@@ -15,9 +15,9 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from .encoder_record import MethodCard
 from .errors import UserError, one_line, shown
 from .hub import REPO_ID_RULE, invalid_repo_id
-from .methods.base import Method
 from .models import RobustCLResNetPreTrainedModel
 from .recipe import Recipe
 
@@ -44,7 +44,7 @@ class CardFacts:
     model: RobustCLResNetPreTrainedModel
     resolution: int
     bn_branch: str | None = None
-    method: Method | None = None
+    method: MethodCard | None = None  # the checkpoint's record of the training method
     recipe: Recipe | None = None
     compute: dict[str, Any] | None = None  # the checkpoint's record: steps, images_seen, wall_time_s, hardware
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json reports
@@ -166,7 +166,7 @@ def _pretraining(facts: CardFacts) -> dict[str, Any] | None:
         "split": _md(recipe.data.split),
         "max_samples": recipe.data.max_samples,
         "resolution": recipe.data.resolution,
-        "objective": facts.method.describe() if facts.method is not None else recipe.method.name,
+        "objective": facts.method.objective if facts.method is not None else recipe.method.name,
         "attack": attack,
         "optimizer": f"{o.name.upper()}, lr {o.peak_lr(recipe.training.batch_size):g}, weight decay "
         f"{o.weight_decay:g}, momentum {o.momentum:g}; "
@@ -360,7 +360,7 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
     from . import __version__
 
     display = facts.method.display_name if facts.method is not None else (method_name or "unknown").upper()
-    method = {"name": display, "paper": getattr(facts.method, "paper", None)}
+    method = {"name": display, "paper": facts.method.paper if facts.method is not None else None}
     adversarial = facts.method is None or facts.method.adversarial
     kind = "robust " if adversarial else ""
     title = f"{repo_id.split('/')[-1]}: " + (

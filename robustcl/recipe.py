@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
@@ -17,6 +17,8 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    ModelWrapValidatorHandler,
+    SerializeAsAny,
     SerializerFunctionWrapHandler,
     ValidationError,
     ValidationInfo,
@@ -26,6 +28,7 @@ from pydantic import (
 )
 
 from .errors import UserError, one_line, shown
+from .method_registry import METHODS, OLD_LAYOUT_BLOCKS, OLD_LAYOUT_KEYS, default_method, method_options
 from .models.configuration_robustcl import (
     MAX_BLOCKS_PER_STAGE,
     MAX_PARAMETERS,
@@ -254,120 +257,79 @@ class ModelConfig(Section):
         )
 
 
-class ACLOptions(Section):
-    """ACL (Jiang et al., NeurIPS 2020)."""
+class MethodOptions(Section):
+    """Which self-supervised method trains the encoder, and that method's own keys. Each method defines a subclass
+    (robustcl/method_options/: ``name: Literal[...]`` and the keys it reads, e.g. ``temperature`` and its
+    sub-section); a recipe's section is validated as the subclass its ``method.name`` names in the registry
+    (robustcl/method_registry.py, which a test may extend at run time), so a recipe holds, and a resume compares,
+    only what its method reads."""
 
-    variant: Literal["ds", "a2a", "a2s"] = Field(
-        "ds",
-        description="ds: clean+adversarial dual stream (dual BN); a2a: both views attacked; a2s: one view",
-    )
-    projector_layers: Literal[2, 3] = Field(3, description="projection head depth (paper: 3)")
-    projector_dim: int | None = Field(None, gt=0, description="projection width (default: feature dim)")
+    name: str = Field(description="method to run (registry in robustcl/method_registry.py)")
+    # Whether the method builds solo-learn's per-view pipelines (augment.blur_p, augment.solarize_p).
+    per_view_extras: ClassVar[bool] = False
 
+    @model_validator(mode="wrap")
+    @classmethod
+    def _as_the_named_method(cls, data: Any, handler: ModelWrapValidatorHandler[MethodOptions]) -> MethodOptions:
+        if cls is not MethodOptions or not isinstance(data, dict):
+            return handler(data)  # a method's own class, or something the base refuses as not a section
+        options = named_options(data)
+        if options is None:
+            names = [repr(name) for name in METHODS]
+            expected = f"{', '.join(names[:-1])} or {names[-1]}" if len(names) > 1 else names[0]
+            raise ValidationError.from_exception_data(
+                cls.__name__,
+                [{"type": "literal_error", "loc": ("name",), "input": data["name"], "ctx": {"expected": expected}}],
+            )
+        return options.model_validate(_own_keys(data, options))
 
-class SimCLROptions(Section):
-    """SimCLR (Chen et al., ICML 2020): the non-robust baseline and DeACL's teacher stage."""
-
-    projector_hidden_dim: int = Field(2048, gt=0, description="projector hidden width (solo-learn CIFAR: 2048)")
-    projector_dim: int = Field(256, gt=0, description="projector output width (solo-learn CIFAR: 256)")
-    projector_bn: bool = Field(
-        True,
-        description="BatchNorm after the projector's hidden layer (fc → BN → ReLU → fc); false: fc → ReLU → fc, "
-        "as solo-learn's solo/methods/simclr.py (recipes/simclr.yaml). true is the projector of runs recorded "
-        "before this key",
-    )
-    bn_per_view: bool = Field(
-        False,
-        description="encode each view in a forward pass of its own, so BatchNorm normalises a view by its own "
-        "statistics, as solo-learn's BaseMethod.training_step (solo/methods/base.py); false: both views in one pass",
-    )
-
-
-class AdvCLOptions(Section):
-    """AdvCL (Fan et al., NeurIPS 2021): four-view contrastive loss + pseudo-label heads on a second attack."""
-
-    pseudo_labels: str | None = Field(
-        None,
-        description="labels file written by robustcl cluster, or the authors' pickle (.pkl: pseudo_train_K arrays, "
-        "LijieFan/AdvCL data/imagenet_clPretrain_pseudo_labels.pkl; read as numpy arrays only; its rows are taken "
-        "as the dataset's rows in order, only their count checked: the authors' file needs CIFAR-10 in torchvision's "
-        "order, which uoft-cs/cifar10 is not); default: computed at the start of pretrain from cluster_encoder into "
-        "RUN_DIR/pseudo_labels.safetensors",
-    )
-    cluster_encoder: str | None = Field(
-        None, description="encoder whose features are clustered when pseudo_labels is not given (run, export, Hub id)"
-    )
-    clusters: list[int] = Field([2, 10, 50, 100, 500], description="K of each pseudo-label head (one k-means per K)")
-    ce_weight: float = Field(0.2, ge=0, description="weight of the mean pseudo-label cross-entropy")
-    high_frequency_radius: float = Field(8, gt=0, description="FFT radius below which the high-frequency view is 0")
-    temperature_scale: float = Field(
-        0.5 / 0.07,
-        gt=0,
-        description="loss multiplier; authors' code: temperature/base_temperature = 0.5/0.07 (quirk), clean: 1.0",
-    )
-    projector_dim: int = Field(128, gt=0, description="projection output width (512 → 512 → BN → ReLU → 128)")
+    def check_recipe(self, recipe: Recipe) -> None:
+        """Raise ValueError (naming the keys) for settings outside ``method.*`` this method cannot train with;
+        called on the whole recipe once every section is valid. A method extends it, calling ``super()``."""
+        if self.per_view_extras:
+            return
+        # Any other method would silently train without them.
+        a = recipe.augment
+        for key, value in (("blur_p", a.blur_p), ("solarize_p", a.solarize_p)):
+            if any(value):
+                readers = [n for n in METHODS if method_options(n).per_view_extras]
+                raise ValueError(
+                    f"augment.{key} is read by {_methods(readers)} only, got {list(value)} with method.name "
+                    f"{self.name}; set it to 0"
+                )
 
 
-class DeACLOptions(Section):
-    """DeACL (Zhang et al., ECCV 2022) stage 2: adversarial distillation of a student from a frozen teacher."""
-
-    teacher: str = Field(
-        "runs/simclr", description="stage-1 encoder: a robustcl run directory, an export folder or a Hub id"
-    )
-    teacher_revision: str | None = Field(None, description="Hub revision of the teacher")
-    student_init: Literal["teacher", "random"] = Field(
-        "teacher", description="teacher: the student starts as a copy of the teacher (needs the same model.*)"
-    )
-    adversarial_weight: float = Field(2.0, ge=0, description="λ in −cos(s, t) − λ·cos(s_adv, s) (trades_k)")
+def named_options(section: dict[Any, Any]) -> type[MethodOptions] | None:
+    """The options class of the method ``section`` names (the default method when it names none); None when the
+    name is not registered."""
+    name = section.get("name", default_method())
+    return method_options(name) if isinstance(name, str) and name in METHODS else None
 
 
-class DynACLOptions(Section):
-    """DynACL (Luo et al., ICLR 2023): ACL-DS with annealed augmentation and a growing adversarial weight."""
-
-    reload_every_epochs: float = Field(
-        50, gt=0, description="augmentation strength steps down every N epochs: 1 − ⌊e/N⌋·N/E (ends at 0.05)"
-    )
-    adversarial_weight_slope: float = Field(
-        2 / 3,
-        ge=0,
-        description="adversarial weight w = min(1 + ⌊(e+1)/N⌋·(N/E)·slope, 2); loss = ½[(2−w)·clean + w·adv]",
-    )
-    momentum: float | None = Field(
-        0.99,
-        ge=0,
-        lt=1,
-        description="authors' code: the second view goes through an EMA copy of encoder and head with this "
-        "momentum (quirk); null: both views through the same encoder, as in the paper",
-    )
-    export_encoder: Literal["momentum", "online"] = Field(
-        "momentum",
-        description="encoder exported and evaluated: momentum (the EMA copy, as PKU-ML/DYNACL train_DynACL.py saves "
-        "model_encoder_k.pt for test_LF.py / LPAFT.py and validates encoder_k) or online (the trained one); "
-        "with momentum null there is only the online one, which is exported either way",
-    )
+def _own_keys(section: dict[Any, Any], options: type[MethodOptions]) -> dict[Any, Any]:
+    """``section`` for ``options`` to validate: an old-layout section with the chosen method's keys only; another
+    method's key refused naming it (an unknown key is left to the options class, which suggests the closest)."""
+    fields = options.model_fields
+    if OLD_LAYOUT_BLOCKS <= section.keys():
+        # Written before each method owned its options (run directories, exports): every block, the others unread.
+        return {k: v for k, v in section.items() if k in fields or k not in OLD_LAYOUT_KEYS}
+    for key in section:
+        readers = [] if key in fields else [n for n in METHODS if key in method_options(n).model_fields]
+        if readers:
+            name = section.get("name", default_method())
+            raise ValueError(
+                f"method.{key} is read by {_methods(readers)}, not by method {name} (method.name {name}): remove "
+                f"method.{key}, or set method.name to {' or '.join(readers)}"
+            )
+    return section
 
 
-class MethodConfig(Section):
-    """Which self-supervised method trains the encoder; each method reads its own sub-section."""
+def _methods(names: list[str]) -> str:
+    return f"method {names[0]}" if len(names) == 1 else f"methods {', '.join(names)}"
 
-    name: Literal["acl", "simclr", "advcl", "deacl", "dynacl"] = Field(
-        "acl", description="method to run (registry in robustcl/methods)"
-    )
-    temperature: float = Field(0.5, gt=0, description="NT-Xent temperature")
-    acl: ACLOptions = Field(default_factory=ACLOptions)
-    simclr: SimCLROptions = Field(default_factory=SimCLROptions)
-    advcl: AdvCLOptions = Field(default_factory=AdvCLOptions)
-    deacl: DeACLOptions = Field(default_factory=DeACLOptions)
-    dynacl: DynACLOptions = Field(default_factory=DynACLOptions)
 
-    @model_validator(mode="after")
-    def _consistent(self) -> MethodConfig:
-        if self.name == "dynacl" and self.acl.variant != "ds":
-            raise ValueError("DynACL is dual-stream: method.acl.variant must be 'ds' with method.name dynacl")
-        clusters = self.advcl.clusters
-        if not clusters or min(clusters) < 2 or len(set(clusters)) != len(clusters):
-            raise ValueError(f"method.advcl.clusters must be distinct numbers of clusters ≥ 2, got {clusters}")
-        return self
+def _default_method_options() -> MethodOptions:
+    return method_options(default_method())()
 
 
 class AttackConfig(Section):
@@ -533,8 +495,26 @@ class TrainingConfig(Section):
 
 class LoggingConfig(Section):
     every_steps: int = Field(10, gt=0, description="log metrics every N steps")
-    trackers: list[Literal["tensorboard"]] = Field(["tensorboard"], description="Accelerate trackers (if installed)")
+    trackers: list[str] = Field(
+        [],
+        description="experiment trackers besides metrics.jsonl, any Accelerate supports (tensorboard, wandb, mlflow, "
+        '…), each installed with its extra: pip install "robustcl[wandb]"',
+    )
+    project: str = Field(
+        "robustcl", min_length=1, description="the trackers' project (W&B project, MLflow experiment, logs/<project>)"
+    )
     progress_bar: bool = Field(True, description="progress bar on the main process")
+
+    @field_validator("trackers")
+    @classmethod
+    def _accelerate_trackers(cls, names: list[str]) -> list[str]:
+        from .tracking import unknown_tracker
+
+        for name in names:
+            problem = unknown_tracker(name)
+            if problem:
+                raise ValueError(problem)
+        return names
 
 
 class EvalDataConfig(Section):
@@ -807,7 +787,8 @@ class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
-    method: MethodConfig = Field(default_factory=MethodConfig)
+    # SerializeAsAny: written as the method's own class, with its keys (the field's type names only `name`).
+    method: SerializeAsAny[MethodOptions] = Field(default_factory=_default_method_options)
     attack: AttackConfig = Field(default_factory=AttackConfig)
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
@@ -833,26 +814,8 @@ class Recipe(Section):
         return self
 
     @model_validator(mode="after")
-    def _dynacl_crops_up_to_the_whole_image(self) -> Recipe:
-        # DynACL moves the crop's lower bound towards 1 as augmentation weakens (the authors' scale=(1 − 0.9·s, 1)):
-        # below a high end of 1 the bounds cross at the first step-down, in the middle of training.
-        if self.method.name == "dynacl" and self.augment.crop_scale[1] != 1:
-            raise ValueError(
-                f"DynACL anneals the crop towards the whole image: augment.crop_scale must end at 1.0 with "
-                f"method.name dynacl, got {list(self.augment.crop_scale)}"
-            )
-        return self
-
-    @model_validator(mode="after")
-    def _per_view_extras_only_for_simclr(self) -> Recipe:
-        # Only SimCLR builds solo-learn's per-view pipelines; any other method would silently train without them.
-        a = self.augment
-        for key, value in (("blur_p", a.blur_p), ("solarize_p", a.solarize_p)):
-            if self.method.name != "simclr" and any(value):
-                raise ValueError(
-                    f"augment.{key} is read by method simclr only, got {list(value)} with method.name "
-                    f"{self.method.name}; set it to 0"
-                )
+    def _method_fits_the_recipe(self) -> Recipe:
+        self.method.check_recipe(self)
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -876,8 +839,8 @@ _RecipeDumper.add_representer(list, _represent_list)
 
 # Keys that may change between a run and its resumption: the training length, settings that change speed but not
 # what a step computes (a run may move to another machine; decoded and streamed data give the same pixels), what to
-# do about a non-finite step or an unreadable image (a run stopped by one resumes with `skip`), and the evaluation
-# and export settings.
+# do about a non-finite step or an unreadable image (a run stopped by one resumes with `skip`), and the evaluation,
+# export and logging settings (a tracker may be added to a running run, or one that failed left out).
 RESUMABLE_CHANGES = {
     ("data", "loading"),
     ("data", "decoded_max_gb"),
@@ -892,7 +855,7 @@ RESUMABLE_CHANGES = {
     ("training", "nonfinite"),
     ("training", "max_skipped_steps"),
 }
-RESUMABLE_SECTIONS = {"eval", "export"}
+RESUMABLE_SECTIONS = {"eval", "export", "logging"}
 
 
 class DuplicateKey(yaml.YAMLError):
@@ -962,7 +925,9 @@ def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
     node[path[-1]] = value
 
 
-def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
+def _section_at(loc: tuple[Any, ...], tree: Any) -> type[BaseModel] | None:
+    """The section class at key path ``loc`` of the recipe ``tree`` was validated from (the method section: the
+    class of the method the tree names)."""
     model: type[BaseModel] | None = Recipe
     for part in loc:
         if model is None:
@@ -970,25 +935,28 @@ def _section_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
         field = model.model_fields.get(str(part))
         if field is None:
             return None
+        tree = tree.get(part) if isinstance(tree, dict) else None
         ann = field.annotation
         model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if model is MethodOptions:
+            model = named_options(tree if isinstance(tree, dict) else {}) or MethodOptions
     return model
 
 
-def _format_validation_error(err: ValidationError, source: str) -> UserError:
+def _format_validation_error(err: ValidationError, source: str, tree: Any) -> UserError:
     first = err.errors()[0]
     loc = tuple(first["loc"])
     key = one_line(".".join(str(p) for p in loc))
     source = one_line(source)
     if first["type"] == "extra_forbidden" and loc:
-        parent = _section_at(tuple(p for p in loc[:-1] if not isinstance(p, int)))
+        parent = _section_at(tuple(p for p in loc[:-1] if not isinstance(p, int)), tree)
         valid = sorted(parent.model_fields) if parent else []
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
         fix = f"did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?" if close else ""
         fix = (fix + " " if fix else "") + f"valid keys here: {', '.join(valid)}"
         return UserError(f"unknown recipe key '{key}'", source, one_line(fix))
     msg = one_line(first["msg"]).removeprefix("Value error, ")
-    if first["type"] == "value_error" and _section_at(loc) is not None:
+    if first["type"] == "value_error" and _section_at(loc, tree) is not None:
         # A section's own check of keys that must agree: its message names them.
         return UserError(f"invalid recipe: {msg}", source, "change the keys named, in the recipe or with --set")
     return UserError(
@@ -1043,7 +1011,7 @@ def recipe_from_dict(tree: dict[str, Any], source: str = "<recipe>") -> Recipe:
     try:
         return Recipe.model_validate(tree)
     except ValidationError as err:
-        raise _format_validation_error(err, source) from None
+        raise _format_validation_error(err, source, tree) from None
 
 
 def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
@@ -1066,17 +1034,29 @@ def recipe_differences(old: Recipe, new: Recipe) -> list[str]:
 
 
 def describe_keys() -> str:
-    """One line per key: path, default, description (for ``robustcl recipe show --describe``)."""
-    lines: list[str] = []
+    """One line per key: path, default, description (for ``robustcl recipe show --describe``). The method section
+    lists the keys of every registered method, each followed by the methods that read it in brackets."""
+    lines: dict[str, str] = {}
+    readers: dict[str, list[str]] = {}
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
+    def walk(model: type[BaseModel], prefix: str, method: str | None) -> None:
         for name, field in model.model_fields.items():
-            ann = field.annotation
-            if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{prefix}{name}.")
+            ann, path = field.annotation, prefix + name
+            if ann is MethodOptions:
+                for registered in METHODS:
+                    walk(method_options(registered), f"{path}.", registered)
                 continue
-            default = field.get_default(call_default_factory=True)
-            lines.append(f"{prefix}{name} = {default!r}  # {field.description or ''}")
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                walk(ann, f"{path}.", method)
+                continue
+            if method is not None:
+                readers.setdefault(path, []).append(method)
+            if path not in lines:  # a key several methods read: the first one's default
+                # A method's `name` repeats the base field without its description.
+                base = MethodOptions.model_fields.get(name) if issubclass(model, MethodOptions) else None
+                about = field.description or (base.description if base else None) or ""
+                lines[path] = f"{path} = {field.get_default(call_default_factory=True)!r}  # {about}"
 
-    walk(Recipe, "")
-    return "\n".join(lines)
+    walk(Recipe, "", None)
+    out = [f"{line} [{', '.join(readers[key])}]" if key in readers else line for key, line in lines.items()]
+    return "\n".join(out)

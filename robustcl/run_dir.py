@@ -31,6 +31,7 @@ from .json_files import to_json
 from .recipe import Recipe, read_yaml, recipe_from_dict
 
 RECIPE_FILE = "recipe.yaml"
+ENCODER_DIR = "encoder"  # the export pretrain writes at the end of a run
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 TRAIN_STATE = "train_state.json"

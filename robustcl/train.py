@@ -34,19 +34,22 @@ from .distributed import (
     processes_on_node,
     raise_on_every_process,
 )
+from .encoder_record import TRAIN_STATE_KEY
 from .errors import NonFiniteLoss, UserError
 from .evaluation.preflight import check_after_pretrain
 from .export import export_run
 from .fingerprint import data_changes
 from .json_files import to_json, write_json
 from .locking import folder_lock
-from .methods import METHODS, Method, TrainingRun, build_method
+from .method_registry import build_method, method_class
+from .methods.base import Method, TrainingRun
 from .methods.views import original_crop_plan
 from .model_loading import check_model_size
 from .optim import build_optimizer, build_scheduler
 from .preemption import StopOnSignal, TrainingStopped
 from .recipe import Recipe, TrainingConfig, recipe_differences
 from .run_dir import (
+    ENCODER_DIR,
     RECIPE_FILE,
     checkpoint_step,
     complete_checkpoints,
@@ -55,8 +58,8 @@ from .run_dir import (
     read_run_recipe,
     save_checkpoint,
 )
+from .tracking import check_installed, start_trackers
 
-ENCODER_DIR = "encoder"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 DATA_FINGERPRINT_FILE = "data_fingerprint.json"
@@ -95,13 +98,6 @@ def _mixed_precision(precision: str, on_cpu: bool) -> str:
     return {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
 
 
-def _installed_trackers(names: list[str]) -> list[str]:
-    """The recipe's trackers that can run here (TensorBoard is optional; metrics.jsonl is always written)."""
-    from accelerate.utils import is_tensorboard_available
-
-    return [name for name in names if name != "tensorboard" or is_tensorboard_available()]
-
-
 def hardware_description(accelerator: Accelerator) -> str:
     """What the run trains on, e.g. '8 × NVIDIA H100 80GB HBM3' or '2 × CPU process (x86_64)'."""
     n = accelerator.num_processes
@@ -110,17 +106,9 @@ def hardware_description(accelerator: Accelerator) -> str:
     return f"{n} × {accelerator.device.type.upper()} process ({platform.machine()})"
 
 
-def load_encoder(reference: str, revision: str | None = None) -> torch.nn.Module:
-    """Any encoder a method builds on (DeACL's teacher, AdvCL's clustering features), as ``robustcl evaluate``
-    loads it: a run directory, an export folder or a Hub id → pixels in [0, 1] to features, eval mode."""
-    from .evaluation.backbone import load_model
-
-    return load_model(reference, revision=revision).encoder
-
-
 def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     on_cpu = not torch.cuda.is_available()
-    trackers = _installed_trackers(recipe.logging.trackers)
+    check_installed(recipe.logging.trackers)  # a tracker asked for and missing is refused before anything starts
     options: dict[str, Any] = {}
     # A dead or stuck process (a node lost, a full disk) then ends the others after this long instead of never.
     group = {"timeout": timedelta(minutes=recipe.training.dist_timeout_minutes)}
@@ -133,7 +121,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     options["kwargs_handlers"] = [InitProcessGroupKwargs(**group)]
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(recipe.training.precision, on_cpu),
-        log_with=trackers or None,
+        log_with=recipe.logging.trackers or None,
         project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
         **options,
     )
@@ -166,7 +154,7 @@ def prepare_run_dir(run_dir: Path, recipe: Recipe, resume: bool) -> None:
             str(run_dir / RECIPE_FILE),
             "use the run's own recipe (only the training length, training.compile / channels_last / "
             "data_placement / nonfinite / max_skipped_steps / dist_timeout_minutes, data.loading / decoded_max_gb / "
-            "workers / bad_images and the eval / export sections may change) or a new --output-dir",
+            "workers / bad_images and the eval / export / logging sections may change) or a new --output-dir",
         )
 
 
@@ -308,7 +296,7 @@ def _start_session(
 ) -> Session:
     t, main = recipe.training, accelerator.is_main_process
     # Refused before any data is opened when the method cannot take crops of the original images.
-    crops = original_crop_plan(recipe, METHODS[recipe.method.name].original_crops)
+    crops = original_crop_plan(recipe, method_class(recipe.method.name).original_crops)
     check_after_pretrain(recipe, accelerator)  # the evaluation the run ends with: refused now, not after training
     opened, images = _open_data(recipe, run_dir, allow_data_change, accelerator, crops is not None)
     batches = EpochBatches(
@@ -326,11 +314,7 @@ def _start_session(
     method = build_method(recipe)
     # Before the checkpoint is restored and before DDP wraps the method: a teacher or pseudo-labels come from
     # outside the weights (a DeACL student starts as its teacher; a restored checkpoint then overrides that).
-    method.setup(
-        TrainingRun(
-            run_dir, images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator, load_encoder
-        )
-    )
+    method.setup(TrainingRun(run_dir, images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator))
     sync_bn = plan.processes > 1 and (t.sync_batchnorm if t.sync_batchnorm is not None else type(method).contrastive)
     if sync_bn:
         convert_sync_batchnorm(method)  # same parameters and buffers: checkpoints and exports are unchanged
@@ -545,8 +529,7 @@ def train_loop(session: Session) -> tuple[dict[str, Any], float | None]:
     recipe, run_dir, accelerator, t = session.recipe, session.run_dir, session.accelerator, session.recipe.training
     model, scheduler, batches = session.model, session.scheduler, session.batches
     total_steps, step, compute = session.total_steps, session.step, session.compute
-    if accelerator.is_main_process:
-        accelerator.init_trackers("robustcl", config={"recipe": recipe.to_yaml()})
+    start_trackers(accelerator, recipe, run_dir, step)
 
     metrics_path = run_dir / METRICS_FILE
     bar = tqdm(
@@ -563,6 +546,7 @@ def train_loop(session: Session) -> tuple[dict[str, Any], float | None]:
     last_loss = _last_logged_loss(metrics_path)
     skipped, checkpoint = session.skipped_steps, session.checkpoint  # the newest good checkpoint, updated below
     compute_saved = compute  # the newest checkpoint's record, updated below
+    encoder_record = session.method.encoder_record().model_dump(mode="json")
     model.train()
     with StopOnSignal() as stop, closing(bar):
         while step < total_steps:
@@ -625,6 +609,8 @@ def train_loop(session: Session) -> tuple[dict[str, Any], float | None]:
                     "scheduler": scheduler.state_dict(),
                     "compute": so_far,
                     "skipped_steps": skipped,
+                    # The encoder as a standalone artifact: export and evaluation read it without the method.
+                    TRAIN_STATE_KEY: encoder_record,
                 }
                 checkpoint = save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
                 compute_saved = so_far

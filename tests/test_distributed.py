@@ -200,7 +200,7 @@ def _attacked_steps_worker(out: Path, runs: Path, cases: dict[str, list[str]]) -
     import robustcl.methods.advcl as advcl
     import robustcl.train as train
     from robustcl.collectives import gather_with_grad
-    from robustcl.methods import Method
+    from robustcl.methods.base import Method
     from robustcl.recipe import load_recipe
 
     advcl.load_pseudo_labels = _fixed_pseudo_labels

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from helpers import with_sets
 from torch import nn
 
-from robustcl.evaluation.backbone import FeatureEncoder
+from robustcl.encoder_loading import FeatureEncoder
 from robustcl.evaluation.finetune import LabelledImages, finetune
 from robustcl.evaluation.presets import PRESETS, PROTOCOL_KEYS, preset_values
 from robustcl.evaluation.run import evaluation_recipe

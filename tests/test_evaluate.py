@@ -15,8 +15,8 @@ from helpers import BIN, CIFAR10, REPO, cli_env, with_sets
 from torch import nn
 
 from robustcl.data.loading import load_images
+from robustcl.encoder_loading import FeatureEncoder, load_encoder
 from robustcl.errors import UserError
-from robustcl.evaluation.backbone import FeatureEncoder, load_model
 from robustcl.evaluation.finetune import LabelledImages, finetune, split_validation, trades_loss
 from robustcl.evaluation.measure import NOT_ATTACKED, measure
 from robustcl.recipe import EvalAttackConfig, FinetuneConfig
@@ -199,7 +199,7 @@ def test_any_transformers_backbone_with_pooled_features(tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(
         json.dumps({"do_normalize": True, "image_mean": mean, "image_std": std})
     )
-    loaded = load_model(tmp_path)
+    loaded = load_encoder(tmp_path)
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
         expected = model.eval()(

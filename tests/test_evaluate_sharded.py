@@ -39,7 +39,7 @@ SCRIPT = """
 import json, os, sys
 from pathlib import Path
 from robustcl.evaluation import run
-from robustcl.evaluation.backbone import FeatureEncoder
+from robustcl.encoder_loading import FeatureEncoder
 
 out, model, sets = Path(sys.argv[1]), sys.argv[2], sys.argv[3:]
 rows = [0]

@@ -13,11 +13,11 @@ from robustcl.data.images import DecodedImages
 from robustcl.errors import UserError
 from robustcl.fingerprint import images_fingerprint
 from robustcl.losses import multi_positive_nt_xent, nt_xent
-from robustcl.methods import METHODS, TrainingRun, build_method
+from robustcl.method_registry import METHODS, build_method, method_class
+from robustcl.methods.base import TrainingRun
 from robustcl.models import RobustCLResNetModel
 from robustcl.pseudo_labels import PseudoLabels, save_pseudo_labels
 from robustcl.recipe import load_recipe
-from robustcl.train import load_encoder
 
 SMALL = ["model.widths=[8,16,32,64]", "model.block_layers=[1,1,1,1]", "data.resolution=16"]
 NO_ATTACK = ["attack.steps=0", "attack.epsilon=0"]
@@ -32,15 +32,16 @@ def _images(n=8, seed=0):
 
 
 def _run(tmp_path, images, steps_per_epoch=1, total_steps=1):
-    return TrainingRun(tmp_path, DecodedImages(images), steps_per_epoch, total_steps, load_encoder=load_encoder)
+    return TrainingRun(tmp_path, DecodedImages(images), steps_per_epoch, total_steps)
 
 
 def test_registry_names_every_method_with_its_paper():
     assert set(METHODS) == {"acl", "simclr", "advcl", "deacl", "dynacl"}
-    for name, cls in METHODS.items():
+    classes = {name: method_class(name) for name in METHODS}
+    for name, cls in classes.items():
         assert cls.paper is not None and cls.paper.url.startswith("https://arxiv.org/")
         assert cls.display_name.lower() == name
-    assert [n for n, c in METHODS.items() if not c.adversarial] == ["simclr"]
+    assert [n for n, c in classes.items() if not c.adversarial] == ["simclr"]
 
 
 def test_simclr_loss_is_nt_xent_of_its_projected_views_and_it_has_no_adversary(tmp_path):
@@ -83,14 +84,14 @@ def test_simclr_projector_bn_defaults_to_the_bn_projector_of_earlier_runs():
     # Runs recorded before the key existed re-read their recipe with the default: it must build their projector.
     method = build_method(_recipe("simclr", "method.simclr.projector_bn=true"))
     assert _has_batch_norm(method.projector) and hasattr(method.projector, "bn1")
-    assert load_recipe("recipes/quickstart.yaml").method.simclr.projector_bn is True
+    assert load_recipe("recipes/quickstart.yaml", ["method.name=simclr"]).method.simclr.projector_bn is True
 
 
 def test_simclr_bn_per_view_encodes_each_view_alone_as_solo_learn():
     """method.simclr.bn_per_view: each view is its own forward pass (solo-learn BaseMethod.training_step), so its
     BatchNorm statistics are the view's own; the recipe follows solo-learn, the default keeps one 2N pass."""
     assert load_recipe("recipes/simclr.yaml").method.simclr.bn_per_view is True
-    assert load_recipe("recipes/quickstart.yaml").method.simclr.bn_per_view is False
+    assert load_recipe("recipes/quickstart.yaml", ["method.name=simclr"]).method.simclr.bn_per_view is False
     torch.manual_seed(0)
     method = build_method(_recipe("simclr", "method.simclr.bn_per_view=true")).train()
     images = _images()
@@ -312,7 +313,7 @@ def test_dynacl_exports_the_encoder_its_recipe_names(tmp_path, monkeypatch, choi
 
     from safetensors.torch import load_file
 
-    from robustcl.export import single_branch_encoder
+    from robustcl.encoder_loading import single_branch_encoder
     from robustcl.run_dir import latest_checkpoint, read_run_recipe
 
     monkeypatch.setattr(sys, "argv", sys.argv)

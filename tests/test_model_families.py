@@ -235,9 +235,9 @@ def bare_with_pillow(tmp_path_factory) -> Path:
 
 
 def _run_features(run: Path, x: torch.Tensor) -> torch.Tensor:
-    from robustcl.export import load_run_encoder
+    from robustcl.encoder_loading import load_run
 
-    encoder, _, branch = load_run_encoder(run)
+    encoder, branch = load_run(run).single_branch()
     assert branch == "pgd"
     with torch.no_grad():
         return encoder(x).pooler_output
@@ -316,10 +316,10 @@ def test_native_export_loads_with_plain_transformers_and_gives_the_same_features
     expected = _run_features(runs[family], x)
     assert (got - expected).abs().max() <= 1e-5
     # robustcl evaluate's loader normalises a native export through its processor: the same encoder again.
-    from robustcl.evaluation.backbone import load_model
+    from robustcl.encoder_loading import load_encoder
 
     with torch.no_grad():
-        assert (load_model(str(out)).encoder(x) - expected).abs().max() <= 1e-5
+        assert (load_encoder(str(out)).encoder(x) - expected).abs().max() <= 1e-5
 
 
 @pytest.mark.slow

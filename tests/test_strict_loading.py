@@ -193,13 +193,13 @@ def test_non_finite_weights_are_refused(cli, good, tmp_path, change, tensor):
 
 def test_an_aff_classifier_export_still_loads_its_encoder(tmp_path):
     """The encoder of a classifier export loads with AutoModel: its head (`classifier.*`) is expected there."""
-    from robustcl.evaluation.backbone import load_model
+    from robustcl.encoder_loading import load_encoder
 
     torch.manual_seed(0)
     config = RobustCLResNetConfig(widths=[8, 16], block_layers=[1, 1], num_labels=3)
     classifier = RobustCLResNetForImageClassification(config).eval()
     classifier.save_pretrained(tmp_path / "aff")
-    loaded = load_model(tmp_path / "aff")
+    loaded = load_encoder(tmp_path / "aff")
     x = torch.rand(2, 3, 8, 8)
     with torch.no_grad():
         assert torch.equal(loaded.encoder(x), classifier.robustcl(x).pooler_output)
@@ -210,7 +210,7 @@ def test_a_foreign_backbone_from_a_task_checkpoint_loads_but_not_with_layers_mis
     random); the same weights under a config with fewer layers than the file (its extra layers dropped) do not."""
     from transformers import ResNetConfig, ResNetForImageClassification
 
-    from robustcl.evaluation.backbone import load_model
+    from robustcl.encoder_loading import load_encoder
 
     torch.manual_seed(0)
     config = ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[2, 1], num_labels=3)
@@ -218,7 +218,7 @@ def test_a_foreign_backbone_from_a_task_checkpoint_loads_but_not_with_layers_mis
     task.save_pretrained(tmp_path / "task")
     x = torch.rand(2, 3, 16, 16)
     with torch.no_grad():
-        assert torch.equal(load_model(tmp_path / "task").encoder(x), task.resnet(x).pooler_output.flatten(1))
+        assert torch.equal(load_encoder(tmp_path / "task").encoder(x), task.resnet(x).pooler_output.flatten(1))
 
     shallower = damaged_copy(tmp_path / "task", tmp_path, "shallower")
     saved = json.loads((shallower / "config.json").read_text())

@@ -26,11 +26,11 @@ from ..attacks import module_mode, pgd_attack
 from ..collectives import convert_sync_batchnorm, world
 from ..data.augment import WeakAugment, WeakAugmentParams
 from ..data.batches import BatchRandom, RandomSource
+from ..encoder_loading import FeatureEncoder
 from ..errors import UserError
 from ..features import CHUNK, pixels
 from ..models.resnet import MultiBatchNorm, multi_batch_norms, set_bn_branch
 from ..recipe import FinetuneConfig
-from .backbone import FeatureEncoder
 from .measure import unit_starts
 from .rows import Pixels, RowView, read_batches, resolution
 from .sharding import batch_random, batch_share, owned_rows, sum_gradients, sum_over_processes

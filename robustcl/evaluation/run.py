@@ -14,13 +14,13 @@ from accelerate.utils import broadcast
 
 from ..data.streamed import default_workers
 from ..distributed import check_world_size, on_main_process, processes_on_node
+from ..encoder_loading import FeatureEncoder, LoadedEncoder, load_encoder
 from ..errors import UserError, one_line
 from ..export_layout import CLASSIFIER_DIR, CURVE_FILE, PROTOCOLS
 from ..fingerprint import weights_sha256
 from ..json_files import write_json
 from ..locking import folder_lock
 from ..recipe import FinetuneConfig, Recipe, override_recipe, parse_override, recipe_from_dict
-from .backbone import FeatureEncoder, LoadedModel, load_model
 from .corruptions import measure_corruptions, open_corruptions
 from .finetune import CLEAN_BRANCH, Classifier, finetune
 from .measure import Measurement, measure, pgd_curve_step, require_autoattack
@@ -108,7 +108,7 @@ def evaluate(
         check_world_size(accelerator)
     _check_choices(protocol, attacks)  # what was asked for explicitly fails before a model (download) loads
     _check_preset(preset)
-    loaded = load_model(reference, bn_branch=bn_branch, trust_remote_code=trust_remote_code)
+    loaded = load_encoder(reference, bn_branch=bn_branch, trust_remote_code=trust_remote_code)
     base = recipe or loaded.recipe or Recipe()
     recipe = evaluation_recipe(base, overrides, preset, f"evaluation settings of {reference}")
     ev = recipe.eval
@@ -153,15 +153,13 @@ def _with_preset(recipe: Recipe, preset: str | None, source: str) -> Recipe:
     return recipe_from_dict(tree, f"{source} with --preset {preset}")
 
 
-def _clean_branch(loaded: LoadedModel) -> FeatureEncoder | None:
+def _clean_branch(loaded: LoadedEncoder) -> FeatureEncoder | None:
     """A run directory's clean ('normal') BatchNorm branch, to start dual-BN AFF's clean branch as the reference
     scripts do (they load both pretrained branches); None when the model has no other branch (an export holds one)."""
-    if loaded.kind != "run_dir" or loaded.bn_branch in (None, CLEAN_BRANCH):
+    if loaded.run is None or loaded.bn_branch in (None, CLEAN_BRANCH):
         return None
-    from ..export import load_run_encoder
-
     try:
-        encoder, _, _ = load_run_encoder(Path(loaded.reference), CLEAN_BRANCH)
+        encoder, _ = loaded.run.single_branch(CLEAN_BRANCH)
     except UserError:  # the run has no 'normal' branch
         return None
     return FeatureEncoder(encoder)
@@ -183,7 +181,7 @@ def _finetune_record(cfg: FinetuneConfig, preset: str, protocol: str) -> dict[st
 
 
 def _evaluate(
-    loaded: LoadedModel,
+    loaded: LoadedEncoder,
     recipe: Recipe,
     protocol: str,
     attacks: list[str],

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 
 from ..data.batches import BatchRandom
+from ..encoder_record import Paper
 from ..losses import AcrossProcesses, nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..recipe import Recipe
-from .base import Method, Paper, encoder_config
+from .base import Method, encoder_config
 from .views import simclr_augment
 
 

@@ -27,13 +27,15 @@ from torch import nn
 from ..attacks import module_mode
 from ..data.batches import BatchRandom
 from ..data.frequency import high_frequency
+from ..encoder_loading import load_encoder
+from ..encoder_record import Paper
 from ..errors import UserError
 from ..kmeans import OneProcess, ProcessGroup
 from ..losses import AcrossProcesses, multi_positive_nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
 from ..pseudo_labels import LABELS_FILE, compute_pseudo_labels, load_pseudo_labels, save_pseudo_labels
 from ..recipe import Recipe
-from .base import Method, Paper, TrainingRun, encoder_config
+from .base import Method, TrainingRun, encoder_config
 from .views import simclr_augment, weak_augment
 
 
@@ -84,11 +86,11 @@ class AdvCL(Method):
 
         def load() -> nn.Module:
             if run.accelerator is None:
-                return run.encoder(reference)
+                return load_encoder(reference).encoder
             from ..distributed import node_main_first
 
             # A Hub encoder is downloaded once per node, not raced for by every process.
-            return node_main_first(run.accelerator, lambda: run.encoder(reference))
+            return node_main_first(run.accelerator, lambda: load_encoder(reference).encoder)
 
         encoder = group.agree(load, "loading the cluster encoder")
         labels = compute_pseudo_labels(

@@ -15,6 +15,7 @@ from torch import nn
 from ..attacks import frozen_parameters, module_mode, pgd_attack
 from ..data.batches import BatchRandom
 from ..data.images import ImageRows
+from ..encoder_record import EncoderRecord, MethodCard, Paper
 from ..losses import AcrossProcesses
 from ..models import RobustCLResNetConfig, RobustCLResNetModel
 from ..recipe import ModelConfig, Recipe
@@ -48,16 +49,6 @@ def encoder_config(cfg: ModelConfig, bn_branches: list[str]) -> RobustCLResNetCo
     )
 
 
-@dataclass(frozen=True)
-class Paper:
-    """The publication a method follows (cited in model cards)."""
-
-    title: str
-    authors: str
-    venue: str
-    url: str
-
-
 @dataclass
 class TrainingRun:
     """What a method may need beyond its weights before the first step: schedules (step counts), the dataset
@@ -69,14 +60,6 @@ class TrainingRun:
     total_steps: int
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     accelerator: Accelerator | None = None  # None in single-process use (tests, scripts)
-    # reference (run dir, export, Hub id), revision → pixels-in-[0, 1] feature encoder in eval mode. Passed in by
-    # the caller: loading a run directory needs the method registry, so methods cannot import the loader.
-    load_encoder: Callable[[str, str | None], nn.Module] | None = None
-
-    def encoder(self, reference: str, revision: str | None = None) -> nn.Module:
-        if self.load_encoder is None:
-            raise RuntimeError("this TrainingRun has no load_encoder to load other encoders with")
-        return self.load_encoder(reference, revision)
 
     @property
     def total_epochs(self) -> float:
@@ -190,3 +173,22 @@ class Method(nn.Module):
         if not self.bn_branches:
             return None
         return "pgd" if "pgd" in self.bn_branches else self.bn_branches[0]
+
+    def encoder_record(self) -> EncoderRecord:
+        """What every checkpoint records beside the weights (``train_state.json``): the downstream encoder's config,
+        where its tensors sit in the method's state dict, the branch exports keep and the card's facts, so that
+        export and evaluation read the encoder without building this method."""
+        encoder = self.downstream_encoder
+        prefix = next(name for name, module in self.named_modules() if module is encoder)
+        return EncoderRecord(
+            config=encoder.config.to_diff_dict(),
+            weights_prefix=f"{prefix}.",
+            export_branch=self.export_branch,
+            method=MethodCard(
+                name=self.recipe.method.name,
+                display_name=self.display_name,
+                paper=self.paper,
+                objective=self.describe(),
+                adversarial=self.adversarial,
+            ),
+        )

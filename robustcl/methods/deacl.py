@@ -17,11 +17,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data.batches import BatchRandom
+from ..encoder_loading import load_encoder
+from ..encoder_record import Paper
 from ..errors import UserError
 from ..losses import distillation_loss
 from ..models import RobustCLResNetModel
 from ..recipe import Recipe
-from .base import Method, Paper, TrainingRun, encoder_config
+from .base import Method, TrainingRun, encoder_config
 from .views import weak_augment
 
 # The architecture keys a student must share with its teacher to start as a copy of it.
@@ -72,7 +74,8 @@ class DeACL(Method):
 
     def setup(self, run: TrainingRun) -> None:
         super().setup(run)
-        teacher = run.encoder(self.opts.teacher, self.opts.teacher_revision).to(run.device).eval().requires_grad_(False)
+        teacher = load_encoder(self.opts.teacher, revision=self.opts.teacher_revision).encoder
+        teacher = teacher.to(run.device).eval().requires_grad_(False)
         if self.opts.student_init == "teacher":
             self._copy_teacher(teacher.backbone, self.opts.teacher)
         probe = torch.zeros(2, 3, self.recipe.data.resolution, self.recipe.data.resolution, device=run.device)

@@ -22,11 +22,11 @@ import torch
 
 from ..data.augment import SimCLRAugment
 from ..data.batches import BatchRandom
+from ..encoder_record import Paper
 from ..losses import AcrossProcesses, nt_xent
 from ..models import RobustCLResNetModel
 from ..recipe import Recipe
 from .acl import ACL
-from .base import Paper
 from .views import simclr_augment
 
 

@@ -1,10 +1,13 @@
-"""What `robustcl evaluate` evaluates: a run directory, an export directory or a Hub repo id, as one module that maps
-pixels in [0, 1] to pooled features.
+"""An encoder from a run directory, an export folder or a Hub repo id, as a module that maps pixels in [0, 1] to
+pooled features: what evaluation measures, export writes, DeACL distils from and AdvCL clusters with.
 
-Export directories and Hub ids load through ``AutoModel.from_pretrained`` only (no training code is imported), so
-any exported robustcl encoder and any transformers vision backbone that returns pooled (or poolable) features can
-be evaluated. Remote code is not executed unless asked for: robustcl's own model class is registered locally.
-Loading is strict (``model_loading``): weights that do not match the config exactly are refused, never scored.
+A run directory's encoder is read from its newest complete checkpoint: the record in its ``train_state.json``
+(``encoder_record``) gives the encoder's config and where its tensors sit in the checkpoint's weights file, so no
+training method is built and nothing of ``methods/`` is imported. Export folders and Hub ids load through
+``AutoModel.from_pretrained`` only, so any exported robustcl encoder and any transformers vision backbone that returns
+pooled (or poolable) features can be used. Remote code is not executed unless asked for: robustcl's own model class
+is registered locally. Loading is strict (``model_loading``): weights that do not match the config exactly are
+refused, never used.
 """
 
 from __future__ import annotations
@@ -15,13 +18,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 from torch import nn
 
-from ..errors import UserError
-from ..export_layout import MODEL_TYPE
-from ..model_loading import first_line, load_pretrained
-from ..recipe import Recipe, load_recipe
-from ..run_dir import RECIPE_FILE, is_run_dir
+from .encoder_record import TRAIN_STATE_KEY, EncoderRecord
+from .errors import UserError
+from .export_layout import MODEL_TYPE, WEIGHTS_FILE
+from .model_loading import check_model_size, check_state_dict, first_line, load_pretrained, read_safetensors
+from .models import RobustCLResNetConfig, RobustCLResNetModel
+from .recipe import Recipe, load_recipe
+from .run_dir import ENCODER_DIR, RECIPE_FILE, TRAIN_STATE, is_run_dir, read_run_recipe, require_checkpoint
 
 
 class FeatureEncoder(nn.Module):
@@ -51,13 +57,114 @@ class FeatureEncoder(nn.Module):
         return pooled.flatten(1)
 
 
+def single_branch_encoder(encoder: RobustCLResNetModel, bn_branch: str | None) -> RobustCLResNetModel:
+    """A plain-BN copy of ``encoder`` keeping ``bn_branch`` (ignored for single-branch encoders), in eval mode."""
+    branches = list(encoder.config.bn_branches)
+    if branches and bn_branch not in branches:
+        raise UserError(
+            f"BN branch '{bn_branch}' does not exist in this encoder",
+            "export.bn_branch",
+            f"choose one of {', '.join(branches)}",
+        )
+    return encoder.to_single_branch(bn_branch if branches else None).eval()
+
+
 @dataclass
-class LoadedModel:
+class RunEncoder:
+    """The encoder of a run's newest complete checkpoint, with every BN branch it was trained with (eval mode)."""
+
+    encoder: RobustCLResNetModel
+    record: EncoderRecord
+    recipe: Recipe
+    checkpoint: Path
+    compute: dict[str, Any] | None  # the checkpoint's record: steps, images seen, wall time, hardware
+
+    def branch(self, bn_branch: str | None = None) -> str | None:
+        """The branch asked for, else the recipe's (export.bn_branch), else the method's (its adversarial one)."""
+        return bn_branch or self.recipe.export.bn_branch or self.record.export_branch
+
+    def single_branch(self, bn_branch: str | None = None) -> tuple[RobustCLResNetModel, str | None]:
+        """A plain-BN copy keeping :meth:`branch` (eval mode; a plain-BN encoder ignores it), and that branch."""
+        branch = self.branch(bn_branch)
+        return single_branch_encoder(self.encoder, branch), branch
+
+
+def load_run(run_dir: Path) -> RunEncoder:
+    """The newest complete checkpoint's encoder, read from its record and its weights, strictly."""
+    run_dir = Path(run_dir)
+    recipe = read_run_recipe(run_dir)
+    if recipe is None:
+        raise UserError(
+            "not a robustcl run directory (no recipe.yaml)",
+            str(run_dir),
+            "give the --output-dir of a robustcl pretrain run",
+        )
+    checkpoint = require_checkpoint(run_dir)
+    state = json.loads((checkpoint / TRAIN_STATE).read_text())
+    record = _encoder_record(state, checkpoint, run_dir)
+    encoder = _encoder_weights(checkpoint, record)
+    compute = {"steps": int(state["step"]), **state.get("compute", {})}
+    if "images_seen" not in compute:  # checkpoints written before the compute record existed
+        compute = None
+    return RunEncoder(encoder, record, recipe, checkpoint, compute)
+
+
+def _encoder_record(state: dict[str, Any], checkpoint: Path, run_dir: Path) -> EncoderRecord:
+    where = str(checkpoint / TRAIN_STATE)
+    if TRAIN_STATE_KEY not in state:
+        # Reading it without the record would mean building the training method again: the export that pretrain
+        # wrote at the end of the run holds the same encoder, and the run's next checkpoint has the record.
+        raise UserError(
+            "this checkpoint was written by an earlier robustcl and does not record its encoder",
+            where,
+            f"use the run's export, {run_dir / ENCODER_DIR}, in place of the run directory, or train the run on "
+            "with this version (robustcl pretrain with a higher training.max_steps) so that its next checkpoint "
+            "records the encoder",
+        )
+    try:
+        return EncoderRecord.model_validate(state[TRAIN_STATE_KEY])
+    except ValidationError as err:
+        raise UserError(
+            f"the checkpoint's encoder record is invalid: {first_line(err)}",
+            where,
+            "move this checkpoint folder away to use an earlier one",
+        ) from None
+
+
+def _encoder_weights(checkpoint: Path, record: EncoderRecord) -> RobustCLResNetModel:
+    """The recorded encoder with its tensors from the checkpoint's weights file: exactly the keys under the record's
+    prefix (named with it in a refusal) and finite values."""
+    path, fix = checkpoint / WEIGHTS_FILE, "move this checkpoint folder away to use an earlier one"
+    try:
+        config = RobustCLResNetConfig.from_dict(record.config)
+    except ValueError as err:
+        raise UserError(f"the checkpoint's encoder config is invalid: {first_line(err)}", str(path), fix) from None
+    check_model_size(
+        config, str(path), "use a machine with more memory (model.widths and model.block_layers set the size)"
+    )
+    encoder = RobustCLResNetModel(config)
+    # Held under its path in the method, so the key names checked (and quoted in a refusal) are the file's own.
+    holder = nn.Module()
+    *parents, name = record.weights_prefix.removesuffix(".").split(".")
+    parent = holder
+    for part in parents:
+        parent.add_module(part, nn.Module())
+        parent = parent.get_submodule(part)
+    parent.add_module(name, encoder)
+    state = {k: v for k, v in read_safetensors(path, fix).items() if k.startswith(record.weights_prefix)}
+    check_state_dict(holder, state, str(path), f"the weights do not fit the encoder the checkpoint records: {fix}")
+    holder.load_state_dict(state, strict=True)
+    return encoder.eval()
+
+
+@dataclass
+class LoadedEncoder:
     encoder: FeatureEncoder
     kind: str  # "run_dir" | "export_dir" | "hub"
     reference: str
     recipe: Recipe | None  # the recipe stored with the model, when there is one
-    bn_branch: str | None  # the BN branch a multi-branch run was evaluated with
+    bn_branch: str | None  # the BN branch a multi-branch run was read with
+    run: RunEncoder | None = None  # a run directory's encoder with all its branches
 
 
 def _read_json(path: Path | str | None) -> dict:
@@ -107,22 +214,19 @@ def _names_a_local_path(reference: str) -> bool:
     )
 
 
-def load_model(
+def load_encoder(
     reference: str | Path,
     *,
     bn_branch: str | None = None,
     trust_remote_code: bool = False,
     revision: str | None = None,
-) -> LoadedModel:
-    """Load ``reference`` (run directory, export directory or Hub repo id) for evaluation, in eval mode."""
-    import robustcl.models  # noqa: F401  (registers the robustcl-resnet model type with AutoModel)
-
+) -> LoadedEncoder:
+    """Load ``reference`` (run directory, export directory or Hub repo id) as a feature encoder, in eval mode."""
     path = Path(reference)
     if path.is_dir() and is_run_dir(path):
-        from ..export import load_run_encoder  # run directories need the method to read their checkpoint
-
-        encoder, recipe, branch = load_run_encoder(path, bn_branch)
-        return LoadedModel(FeatureEncoder(encoder).eval(), "run_dir", str(path), recipe, branch)
+        run = load_run(path)
+        encoder, branch = run.single_branch(bn_branch)
+        return LoadedEncoder(FeatureEncoder(encoder).eval(), "run_dir", str(path), run.recipe, branch, run)
 
     if bn_branch is not None:
         raise UserError(
@@ -149,7 +253,7 @@ def load_model(
     config, backbone = _load_backbone(str(reference), kind, trust_remote_code, hub_kwargs)
     mean, std = _normalisation(str(reference), config.model_type, **hub_kwargs)
     encoder = FeatureEncoder(backbone, mean, std).eval()
-    return LoadedModel(encoder, kind, str(reference), _stored_recipe(str(reference), **hub_kwargs), None)
+    return LoadedEncoder(encoder, kind, str(reference), _stored_recipe(str(reference), **hub_kwargs), None)
 
 
 def _load_backbone(reference: str, kind: str, trust_remote_code: bool, hub_kwargs: dict) -> tuple[Any, nn.Module]:
@@ -164,7 +268,7 @@ def _load_backbone(reference: str, kind: str, trust_remote_code: bool, hub_kwarg
         else "use a repo (or --revision) with a valid config.json; custom architectures need --trust-remote-code"
     )
     if kind == "hub":
-        from ..hub import check_token_sendable
+        from .hub import check_token_sendable
 
         check_token_sendable()  # else the HTTP client fails on the header with a traceback
     try:
