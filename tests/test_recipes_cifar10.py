@@ -23,7 +23,6 @@ STEPS = [
     "training.batch_size=16",
     "attack.steps=2",
     "logging.every_steps=1",
-    "method.advcl.clusters=[2,10]",
     "eval.after_pretrain=true",
     "eval.data.max_train=200",
     "eval.data.max_test=50",
@@ -31,6 +30,7 @@ STEPS = [
     "eval.attack.steps=2",
     "eval.attack.curve_epsilons=[]",
 ]
+ADVCL = ["method.advcl.clusters=[2,10]"]  # a recipe sets only its own method's keys
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +39,8 @@ def runs(tmp_path_factory):
 
 
 def _pretrain(recipe, run_dir, *sets):
-    res = robustcl("pretrain", f"recipes/{recipe}.yaml", "-o", str(run_dir), *with_sets(*STEPS, *sets))
+    own = ADVCL if recipe == "advcl" else []
+    res = robustcl("pretrain", f"recipes/{recipe}.yaml", "-o", str(run_dir), *with_sets(*STEPS, *own, *sets))
     assert res.returncode == 0, res.stderr[-4000:]
     return res
 
@@ -90,7 +91,7 @@ def test_advcl_recipe_clusters_the_simclr_features_itself(runs, simclr):
 def test_cluster_command_feeds_advcl_and_refuses_other_images(runs, simclr, tmp_path):
     labels = tmp_path / "labels.safetensors"
     res = robustcl("cluster", "recipes/advcl.yaml", "--encoder", str(simclr / "encoder"), "-o", str(labels),
-                   *with_sets(*STEPS))  # fmt: skip
+                   *with_sets(*STEPS, *ADVCL))  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     assert "pseudo-labels of 64 images (K=2: 2 clusters, K=10: 10 clusters)" in res.stdout
     # The same labels from the run directory and from its export: the same encoder, the same features.
@@ -106,6 +107,6 @@ def test_cluster_command_feeds_advcl_and_refuses_other_images(runs, simclr, tmp_
     assert not (run / "pseudo_labels.safetensors").exists()
 
     res = robustcl("pretrain", "recipes/advcl.yaml", "-o", str(tmp_path / "other"),
-                   *with_sets(*STEPS, *sets, "data.max_samples=48"))  # fmt: skip
+                   *with_sets(*STEPS, *ADVCL, *sets, "data.max_samples=48"))  # fmt: skip
     assert res.returncode == 2
     assert "pseudo-labels were computed on other images" in res.stderr and "Traceback" not in res.stderr

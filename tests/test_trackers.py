@@ -99,7 +99,8 @@ def test_an_offline_wandb_run_holds_the_resolved_recipe_and_the_records_of_metri
         code, out, err = cli("pretrain", QUICK, "-o", str(run), *with_sets(*sets, f"training.max_steps={steps}"))
         assert code == 0, err[-3000:]
 
-    logs = sorted((run / "logs" / "wandb").glob("offline-run-*/run-*.wandb"))
+    # In session order: two sessions started within one second have folder names that sort by their random id.
+    logs = sorted((run / "logs" / "wandb").glob("offline-run-*/run-*.wandb"), key=lambda p: p.stat().st_mtime_ns)
     assert len(logs) == 2  # one W&B run per session (WANDB_RUN_ID with WANDB_RESUME=allow would continue one)
     sessions = [_wandb_run(path) for path in logs]
     assert [s["name"] for s in sessions] == [run.name, run.name]
