@@ -358,22 +358,22 @@ def child_train(spec: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         session = open_session(recipe, Path(tmp) / "run", resume=False)
         marks["session_open_s"] = time.time() - t0
-        feed_batch = session.feed.batch
+        feed_batch = session.data.feed.batch
 
         def first_batch(step: int, micro: int) -> Any:
             out = feed_batch(step, micro)
             marks.setdefault("first_batch_s", time.time() - t0)
             return out
 
-        session.feed.batch = first_batch
+        session.data.feed.batch = first_batch
         session.model.train()
         train_step(session, 0)
         marks["first_step_s"] = time.time() - t0
         steps = [timed_step(session, s) for s in range(1, 1 + spec["warmup"] + spec["steps"])][spec["warmup"] :]
         memory = poller.stop()
         marks["load_average_at_end"] = os.getloadavg()
-        placement = session.feed.placement
-        workers = getattr(session.feed, "workers", 0)
+        placement = session.data.feed.placement
+        workers = getattr(session.data.feed, "workers", 0)
         session.close()
     return {
         **marks,

@@ -48,6 +48,7 @@ from robustcl.step_profile import (
     peak_tflops,
     record_model_passes,
     replay_passes,
+    step_networks,
     synchronize,
     timed_methods,
 )
@@ -84,7 +85,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, pha
     recipe.logging.trackers = []
     with tempfile.TemporaryDirectory() as tmp:
         session = open_session(recipe, Path(tmp) / "run", resume=False)
-        device, method, plan = session.accelerator.device, session.method, session.plan
+        device, method, plan = session.accelerator.device, session.method, session.data.plan
         images_per_step = plan.global_batch // plan.processes  # this process's share
         # The peak first: compilation later leaves worker processes that would share the CPU with the measurement.
         peak, peak_source = peak_tflops(device, session.accelerator.mixed_precision)
@@ -97,7 +98,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, pha
             torch.cuda.reset_peak_memory_stats(device)
 
         # Each timed step is followed by a replay of its model passes alone, so both see the same machine state.
-        networks = method.networks()
+        networks = step_networks(method)
         with record_model_passes(networks, device) as calls:
             train_step(session, step)
             step += 1
@@ -119,7 +120,8 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, pha
 
         flops = count_flops(lambda: train_step(session, step))
         probe = torch.rand(1, 3, recipe.data.resolution, recipe.data.resolution, device=device)
-        encoder_flops = count_flops(lambda: method.encoder(probe, bn_branch=method.export_branch))
+        branch = method.encoder_record().export_branch
+        encoder_flops = count_flops(lambda: method.encoder(probe, bn_branch=branch))
         mixed = session.accelerator.mixed_precision
         achieved = flops / (ms / 1e3) / 1e12
         session.close()
@@ -137,7 +139,7 @@ def measure(recipe_path: str, overrides: list[str], steps: int, warmup: int, pha
             "attack_precision": recipe.attack.precision,
             "compile": recipe.training.compile,
             "channels_last": recipe.training.channels_last,
-            "data_placement": session.feed.placement,
+            "data_placement": session.data.feed.placement,
             "warmup_steps": warmup,
             "timed_steps": steps,
             "ms_per_step": ms,

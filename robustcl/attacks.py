@@ -48,7 +48,7 @@ def pgd_attack(
     step_size: float,
     steps: int,
     random_start: bool = True,
-    generator: torch.Generator | BatchRandom | None = None,
+    random: torch.Generator | BatchRandom | None = None,
     start: torch.Tensor | None = None,
     clamp_start: bool = True,
 ) -> torch.Tensor:
@@ -57,7 +57,7 @@ def pgd_attack(
     ``loss_fn(x_adv)`` returns the scalar to *maximise*; the caller decides the model's mode and BN branch inside
     it. The start is ``start`` when given (a perturbation, projected into the ball: evaluation passes per-sample
     seeded noise so results do not depend on batching, TRADES passes its small Gaussian), else uniform noise in
-    the ε-ball drawn from ``generator`` (``random_start``), else zero. With ``clamp_start`` the start is clamped into
+    the ε-ball drawn from ``random`` (``random_start``), else zero. With ``clamp_start`` the start is clamped into
     [0, 1] before the first gradient (Madry et al.); without it the first gradient is taken at the unclamped
     ``x + δ₀`` and only each step's result is clamped, as the contrastive methods' authors do (ACL's
     ``PGD_contrastive`` in VITA-Group/Adversarial-Contrastive-Learning ``utils.py``; AdvCL's and DynACL's attacks).
@@ -70,7 +70,7 @@ def pgd_attack(
     if start is not None:
         delta = start.detach().to(x).clamp(-epsilon, epsilon)
     elif random_start:
-        noise = uniform(tuple(x.shape), generator, x.device, x.dtype)  # training: same start on any process
+        noise = uniform(tuple(x.shape), random, x.device, x.dtype)  # training: same start on any process
         delta = (noise * 2 - 1) * epsilon
     else:
         delta = torch.zeros_like(x)

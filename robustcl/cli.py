@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -173,6 +173,26 @@ def evaluate(
     """Finetune a classifier on the encoder with a protocol (SLF / ALF / AFF, set up as --preset's reference script
     does) and measure clean (SA), PGD-20 (RA) and AutoAttack (AA) accuracy on the test split. Writes eval.json and an
     accuracy-vs-epsilon PNG. Works under `accelerate launch` (the test set is sharded over processes)."""
+    attacks = [a.strip() for a in attack.split(",") if a.strip()] if attack is not None else None
+    _evaluate_protocols(
+        model,
+        protocol,
+        output,
+        recipe,
+        attacks=attacks,
+        overrides=set_,
+        attack_subset=attack_subset,
+        bn_branch=bn_branch,
+        trust_remote_code=trust_remote_code,
+        preset=preset,
+    )
+
+
+def _evaluate_protocols(
+    model: str, protocol: str | None, output: Path | None, recipe: Path | None, **options: Any
+) -> None:
+    """Evaluate ``model`` with ``protocol`` (``all``: slf, alf and aff in turn, then their ensemble), printing each
+    report as it is written; ``options`` are :func:`robustcl.evaluation.evaluate`'s."""
     from .evaluation import evaluate as run_evaluate
     from .evaluation import format_table
     from .evaluation.ensemble import ALL, format_ensemble, planned_outputs, write_ensemble
@@ -180,23 +200,13 @@ def evaluate(
 
     reports = []
     for protocol_run, output_run in planned_outputs(protocol, output):  # --protocol all: slf, alf, aff in turn
-        report = run_evaluate(
-            model,
-            protocol=protocol_run,
-            attacks=[a.strip() for a in attack.split(",") if a.strip()] if attack is not None else None,
-            overrides=set_,
-            recipe=load_recipe(recipe) if recipe is not None else None,
-            output=output_run,
-            attack_subset=attack_subset,
-            bn_branch=bn_branch,
-            trust_remote_code=trust_remote_code,
-            preset=preset,
-        )
+        loaded = load_recipe(recipe) if recipe is not None else None
+        report = run_evaluate(model, protocol=protocol_run, recipe=loaded, output=output_run, **options)
         reports.append(report)
         if _is_main_process():
             typer.echo("\n" + format_table(report))
-            curve = f" and {report['curve_png']}" if report["curve_png"] else ""
-            typer.echo(f"robustcl: wrote {report['output']}{curve}")
+            curve = f" and {report.curve_png}" if report.curve_png else ""
+            typer.echo(f"robustcl: wrote {report.output}{curve}")
     if protocol == ALL and _is_main_process():
         figures, path = write_ensemble(reports)
         typer.echo("\n" + format_ensemble(figures))
@@ -251,6 +261,19 @@ def export(
     (AutoModel.from_pretrained(OUT_DIR, trust_remote_code=True) works without robustcl), preprocessor_config.json,
     README.md model card, recipe.yaml, and the run's evaluations of exactly these weights (eval/<protocol>/). With
     --format native, config.json is transformers' ResNet: AutoModel.from_pretrained(OUT_DIR) needs no remote code."""
+    _export(run_dir, out_dir, bn_branch, classifier, repo_id, card_template, export_format)
+
+
+def _export(
+    run_dir: Path,
+    out_dir: Path,
+    bn_branch: str | None,
+    classifier: str | None,
+    repo_id: str | None,
+    card_template: Path | None,
+    export_format: str,
+) -> None:
+    """Export the run and say what was exported, with its evaluations (and a warning for each one left out)."""
     from .export import export_run
     from .model_card import given_repo_id
 
@@ -307,12 +330,13 @@ def cluster(
     with method.advcl.pseudo_labels."""
     from .data.loading import open_pretraining_split, pretraining_images
     from .method_options.advcl import AdvCLSection
-    from .pseudo_labels import LABELS_FILE, check_labels_output, compute_pseudo_labels, save_pseudo_labels
+    from .pseudo_labels import check_labels_output, compute_pseudo_labels, save_pseudo_labels
     from .recipe import load_recipe
+    from .run_layout import PSEUDO_LABELS_FILE
 
     loaded = load_recipe(recipe, set_)
     advcl = getattr(loaded.method, "advcl", None) or AdvCLSection()  # another method's recipe: AdvCL's defaults
-    target = output or Path(advcl.pseudo_labels or LABELS_FILE)
+    target = output or Path(advcl.pseudo_labels or PSEUDO_LABELS_FILE)
     check_labels_output(target, "--output" if output else "method.advcl.pseudo_labels")
     images = pretraining_images(open_pretraining_split(loaded.data), loaded.data)
     from .encoder_loading import load_encoder
@@ -502,29 +526,38 @@ def launch(
       robustcl launch --gpus 8 --nodes 2 --node-rank 0 --main-address 10.0.0.1:29500 -- pretrain recipes/acl.yaml
       (and the same with --node-rank 1 on the second machine; launch/slurm.sbatch does this under SLURM)
     """
-    from . import launcher
-
-    names = tuple(name for name in typer.main.get_command(app).commands if name != "launch")
-    if gpus is None:
-        gpus = 1 if cpu else launcher.visible_gpus()
-        if gpus == 0:
-            raise UserError("no GPU is visible", "--gpus", "add --cpu to run on the CPU, or --gpus N on a GPU machine")
-    plan = launcher.plan_launch(
+    _launch(
         command or [],
-        gpus=gpus,
+        gpus,
+        dry_run,
         nodes=nodes,
         node_rank=node_rank,
         main_address=main_address,
         deepspeed=deepspeed,
         cpu=cpu,
         mixed_precision=mixed_precision,
-        known_commands=names,
     )
+
+
+def _launch(
+    command: list[str], gpus: int | None, dry_run: bool, *, cpu: bool, deepspeed: Path | None, **options: Any
+) -> None:
+    """Plan the launch (``options`` are :func:`robustcl.launcher.plan_launch`'s) and print it; unless ``dry_run``,
+    check this machine and the recipe's batch, start the processes and exit with the job's code."""
+    from . import launcher
+
+    commands = typer.main.get_command(app).commands
+    names = tuple(name for name in commands if name != "launch")
+    if gpus is None:
+        gpus = 1 if cpu else launcher.visible_gpus()
+        if gpus == 0:
+            raise UserError("no GPU is visible", "--gpus", "add --cpu to run on the CPU, or --gpus N on a GPU machine")
+    plan = launcher.plan_launch(command, gpus=gpus, deepspeed=deepspeed, cpu=cpu, known_commands=names, **options)
     if dry_run:
         typer.echo(f"robustcl: launching: {plan.shell()}")
         return
     launcher.check_hardware(gpus, cpu, deepspeed)
-    launcher.check_pretrain_batch(command or [], plan.processes, typer.main.get_command(app).commands["pretrain"])
+    launcher.check_pretrain_batch(command, plan.processes, commands["pretrain"])
     config = launcher.default_accelerate_config()
     if config is not None:
         typer.echo(f"robustcl: note: not using {config} (robustcl launch passes every setting itself)", err=True)

@@ -8,8 +8,8 @@
   parameter group, so LARS would compute norms over arbitrary slices: refused, with the fix.
 - DeepSpeed's checkpoint engine loads its files with ``weights_only=False``; robustcl loads them with
   ``weights_only=True``, allowing only the three plain DeepSpeed classes its optimizer states contain.
-- ZeRO-3 partitions every parameter, frozen ones included, so an in-place update of a frozen copy (DynACL's
-  moving-average encoder) would silently do nothing: refused.
+- ZeRO-3 partitions every parameter, frozen ones included, so the method's own update of a frozen network in its
+  weights (a moving-average copy, see ``Method.frozen_networks``) would silently do nothing: refused.
 """
 
 from __future__ import annotations
@@ -45,10 +45,10 @@ def zero_stage(accelerator: Accelerator) -> int:
 
 
 def configure_deepspeed(
-    accelerator: Accelerator, recipe: Recipe, micro_batch: int, accumulation: int, momentum_copy: bool
+    accelerator: Accelerator, recipe: Recipe, micro_batch: int, accumulation: int, frozen: list[str]
 ) -> None:
     """Before ``accelerator.prepare``: the recipe's batch plan into the DeepSpeed config, and refuse what ZeRO
-    would silently change."""
+    would silently change. ``frozen``: the method's frozen networks in its weights, by name."""
     if not uses_deepspeed(accelerator):
         return
     config: dict[str, Any] = accelerator.state.deepspeed_plugin.deepspeed_config
@@ -68,11 +68,13 @@ def configure_deepspeed(
             "train with --set optimizer.name=sgd (and an SGD learning rate, e.g. --set optimizer.lr=0.5), or with "
             "a DeepSpeed config whose zero_optimization.stage is 0",
         )
-    if stage == 3 and momentum_copy:
+    if stage == 3 and frozen:
+        name = recipe.method.name
         raise UserError(
-            "DynACL's moving-average encoder cannot be updated under ZeRO stage 3 (its parameters are partitioned)",
-            "method.dynacl.momentum",
-            "use launch/zero2.json, or --set method.dynacl.momentum=null (the paper's single encoder)",
+            f"method {name} updates its frozen networks ({', '.join(frozen)}) itself, which ZeRO stage 3 cannot do "
+            "(it partitions their parameters: the updates would silently do nothing)",
+            f"method.{name}",
+            f"use launch/zero2.json, or method.{name} options without these networks",
         )
 
 

@@ -27,7 +27,8 @@ from .export_layout import MODEL_TYPE, WEIGHTS_FILE
 from .model_loading import check_model_size, check_state_dict, first_line, load_pretrained, read_safetensors
 from .models import RobustCLResNetConfig, RobustCLResNetModel
 from .recipe import Recipe, load_recipe
-from .run_dir import ENCODER_DIR, RECIPE_FILE, TRAIN_STATE, is_run_dir, read_run_recipe, require_checkpoint
+from .run_dir import is_run_dir, read_run_recipe, require_checkpoint
+from .run_layout import ENCODER_DIR, RECIPE_FILE, TRAIN_STATE
 
 
 class FeatureEncoder(nn.Module):

@@ -9,24 +9,20 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic_write import move_file, staging_folder
 from .encoder_loading import load_run, single_branch_encoder
 from .errors import StorageError, UserError, describe_write_failure, is_write_failure
+from .eval_report import EvalReport, read_report
 from .export_layout import (
     CARD_FILE,
-    CLASSIFIER_DIR,
     CONFIG_FILE,
-    CURVE_FILE,
-    EVAL_DIR,
     NATIVE_FORMAT,
     PREPROCESSOR_FILE,
     PROTOCOLS,
-    RECIPE_FILE,
-    REPORT_FILE,
     WEIGHTS_FILE,
     export_file_set,
     export_files,
@@ -39,6 +35,7 @@ from .model_loading import load_model_folder
 from .models import RobustCLResNetForImageClassification, RobustCLResNetModel, RobustCLResNetPreTrainedModel
 from .native_export import REMOTE_CODE_FORMAT, check_native, checked_format, native_resnet
 from .recipe import Recipe
+from .run_layout import CLASSIFIER_DIR, CURVE_FILE, EVAL_DIR, RECIPE_FILE, REPORT_FILE
 
 
 def image_processor_config(
@@ -155,7 +152,7 @@ def _install(new: Path, target: Path) -> None:
     target.mkdir(parents=True, exist_ok=True)
     for rel in files:
         (target / rel).parent.mkdir(parents=True, exist_ok=True)
-        os.replace(new / rel, target / rel)
+        move_file(new / rel, target / rel)
     for rel in sorted(stale):
         (target / rel).unlink()
     for protocol in PROTOCOLS:  # evaluation folders left empty
@@ -184,9 +181,9 @@ def write_export(
         target = _export_target(out_dir)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent) as tmp:
-                _write_files(Path(tmp), model, facts, eval_dirs or {}, card)
-                _install(Path(tmp), target)
+            with staging_folder(target) as tmp:
+                _write_files(tmp, model, facts, eval_dirs or {}, card)
+                _install(tmp, target)
         except Exception as err:
             if not is_write_failure(err):
                 raise
@@ -230,22 +227,15 @@ class ExportResult:
     skipped: list[str] = field(default_factory=list)  # why other evaluations were left out
 
 
-def _read_report(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def _matching_evaluations(run_dir: Path, fingerprint: str) -> tuple[dict[str, Path], list[dict], list[str]]:
+def _matching_evaluations(run_dir: Path, fingerprint: str) -> tuple[dict[str, Path], list[EvalReport], list[str]]:
     """The run's evaluations of exactly the weights with ``fingerprint``; the others, with the reason."""
     dirs, reports, skipped = {}, [], []
     for protocol in PROTOCOLS:
         folder = run_dir / EVAL_DIR / protocol
-        report = _read_report(folder / REPORT_FILE)
+        report = read_report(folder / REPORT_FILE)
         if report is None:
             continue
-        if report.get("encoder_sha256") != fingerprint:
+        if report.encoder_sha256 != fingerprint:
             skipped.append(
                 f"{protocol}: measured other weights (an earlier checkpoint or BN branch); "
                 f"re-run robustcl evaluate {run_dir} --protocol {protocol}"
@@ -256,17 +246,17 @@ def _matching_evaluations(run_dir: Path, fingerprint: str) -> tuple[dict[str, Pa
     return dirs, reports, skipped
 
 
-def _load_classifier(run_dir: Path, protocol: str, encoder_fingerprint: str) -> tuple[Any, dict[str, Any]]:
+def _load_classifier(run_dir: Path, protocol: str, encoder_fingerprint: str) -> tuple[Any, EvalReport]:
     """The classifier ``robustcl evaluate`` saved for ``protocol``, checked against its report and the run."""
     folder = run_dir / EVAL_DIR / protocol
-    report = _read_report(folder / REPORT_FILE)
+    report = read_report(folder / REPORT_FILE)
     if report is None or not (folder / CLASSIFIER_DIR / WEIGHTS_FILE).is_file():
         raise UserError(
             f"no {protocol.upper()} classifier in the run directory",
             str(folder / CLASSIFIER_DIR),
             f"run robustcl evaluate {run_dir} --protocol {protocol} first",
         )
-    if report.get("encoder_sha256") != encoder_fingerprint:
+    if report.encoder_sha256 != encoder_fingerprint:
         raise UserError(
             f"the {protocol.upper()} classifier was finetuned from other weights than the run's newest checkpoint",
             str(folder / REPORT_FILE),
@@ -277,7 +267,7 @@ def _load_classifier(run_dir: Path, protocol: str, encoder_fingerprint: str) -> 
         folder / CLASSIFIER_DIR,
         f"re-run robustcl evaluate {run_dir} --protocol {protocol}",
     ).eval()
-    if weights_sha256(model) != report.get("classifier_sha256"):
+    if weights_sha256(model) != report.classifier_sha256:
         raise UserError(
             "the saved classifier's weights are not the ones its eval.json measured",
             str(folder / CLASSIFIER_DIR),

@@ -11,6 +11,8 @@ Layout (``--format remote-code``, the default)::
     recipe.yaml                  resolved training recipe (when exported from a run)
     eval/<protocol>/eval.json, eval/<protocol>/robustness_curve.png   evaluations of exactly these weights
 
+The recipe and the evaluations are copies of a run directory's files, under the names ``run_layout`` gives them.
+
 ``--format native`` writes the same files without the remote code: config.json is transformers' own ResNet
 (model_type ``resnet``, marked ``"robustcl_export": "native"`` so that robustcl knows the folder as its export) and
 the image processor normalises, since transformers' ResNet does not.
@@ -22,16 +24,12 @@ import json
 from pathlib import Path
 
 from .errors import UserError
+from .run_layout import CURVE_FILE, EVAL_DIR, RECIPE_FILE, REPORT_FILE
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
 CARD_FILE = "README.md"
-RECIPE_FILE = "recipe.yaml"
-EVAL_DIR = "eval"
-REPORT_FILE = "eval.json"
-CURVE_FILE = "robustness_curve.png"
-CLASSIFIER_DIR = "classifier"  # beside eval.json: the finetuned classifier an evaluation produced
 PROTOCOLS = ("slf", "alf", "aff")
 MODEL_TYPE = "robustcl-resnet"
 NATIVE_MODEL_TYPE = "resnet"  # transformers' own ResNetModel (export --format native)

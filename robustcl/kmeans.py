@@ -41,9 +41,8 @@ class OneProcess:
         """Every process's ``t``, stacked in rank order: ``[size, *t.shape]``."""
         return t[None]
 
-    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
-        """Every process's ``rows`` (its block of the global rows) concatenated in rank order on rank 0; None
-        elsewhere."""
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Every process's ``rows`` (its block of the global rows) concatenated in rank order, on every process."""
         return rows
 
     def agree(self, work: Callable[[], T], doing: str) -> T:
@@ -71,16 +70,12 @@ class ProcessGroup(OneProcess):
         self.dist.all_gather(parts, t.contiguous())
         return torch.stack(parts)
 
-    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor | None:
+    def gather_rows(self, rows: torch.Tensor) -> torch.Tensor:
         sizes = self.all_gather(torch.tensor(len(rows), device=rows.device)).tolist()
         # The collective needs one shape: pad every block to the longest.
         padded = rows.new_zeros((max(sizes), *rows.shape[1:]))
         padded[: len(rows)] = rows
-        parts = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == 0 else None
-        self.dist.gather(padded, parts, dst=0)
-        if parts is None:
-            return None
-        return torch.cat([part[:size] for part, size in zip(parts, sizes)])
+        return torch.cat([part[:size] for part, size in zip(self.all_gather(padded), sizes)])
 
     def agree(self, work: Callable[[], T], doing: str) -> T:
         """``work()`` on every process, then each hears of the others' outcome: a failure anywhere ends every process

@@ -79,6 +79,26 @@ def plan_launch(
     known_commands: tuple[str, ...] = (),
 ) -> LaunchPlan:
     """Check the options and build the ``accelerate launch`` arguments; raises UserError on a mistake."""
+    _check_command(command, known_commands)
+    _check_sizes(gpus, nodes, mixed_precision)
+    rank = _node_rank(nodes, node_rank, main_address)
+    address = parse_main_address(main_address) if main_address is not None else None
+    if deepspeed is not None:
+        _check_deepspeed_config(deepspeed)
+
+    total = gpus * nodes
+    args, env = _backend(total, gpus, deepspeed, cpu)
+    args += ["--num_processes", str(total), "--num_machines", str(nodes)]
+    args += ["--num_cpu_threads_per_process", str(threads_per_process(gpus, cpu))]
+    args += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
+    if address is not None:
+        args += ["--machine_rank", str(rank), "--main_process_ip", address[0], "--main_process_port", str(address[1])]
+    args += ["-m", "robustcl", *command]
+    return LaunchPlan(tuple(args), env, total)
+
+
+def _check_command(command: list[str], known_commands: tuple[str, ...]) -> None:
+    """A robustcl command to launch, one of ``known_commands`` when they are given."""
     if not command:
         raise UserError(
             "nothing to launch",
@@ -91,10 +111,18 @@ def plan_launch(
             "robustcl launch -- COMMAND",
             f"use one of {', '.join(known_commands)}, e.g. robustcl launch --gpus 8 -- pretrain recipes/acl.yaml",
         )
+
+
+def _check_sizes(gpus: int, nodes: int, mixed_precision: str) -> None:
+    """At least one process per node and one node; a precision Accelerate knows."""
     if gpus < 1 or nodes < 1:
         raise UserError("--gpus and --nodes must be at least 1", "robustcl launch", "e.g. --gpus 8 --nodes 2")
     if mixed_precision not in MIXED_PRECISION:
         raise UserError(f"unknown mixed precision {mixed_precision!r}", "--mixed-precision", "use no, bf16 or fp16")
+
+
+def _node_rank(nodes: int, node_rank: int | None, main_address: str | None) -> int:
+    """This node's rank, checked; several nodes need it and the first node's address."""
     if nodes > 1 and main_address is None:
         raise UserError(
             f"--nodes {nodes} needs the address of the first node",
@@ -114,11 +142,11 @@ def plan_launch(
             "--node-rank",
             f"use 0 … {nodes - 1}, a different value on each node" if nodes > 1 else "drop --node-rank (one node)",
         )
-    address = parse_main_address(main_address) if main_address is not None else None
-    if deepspeed is not None:
-        _check_deepspeed_config(deepspeed)
+    return rank
 
-    total = gpus * nodes
+
+def _backend(total: int, gpus: int, deepspeed: Path | None, cpu: bool) -> tuple[list[str], dict[str, str]]:
+    """The launcher's arguments and environment that choose DeepSpeed, several processes or one, on GPUs or the CPU."""
     args: list[str] = []
     env: dict[str, str] = {}
     if deepspeed is not None:
@@ -138,13 +166,7 @@ def plan_launch(
             env["ACCELERATE_USE_CPU"] = "false"
     elif cpu:
         args.append("--cpu")  # one process: the simple launcher, which sets ACCELERATE_USE_CPU from this flag
-    args += ["--num_processes", str(total), "--num_machines", str(nodes)]
-    args += ["--num_cpu_threads_per_process", str(threads_per_process(gpus, cpu))]
-    args += ["--mixed_precision", mixed_precision, "--dynamo_backend", "no"]
-    if address is not None:
-        args += ["--machine_rank", str(rank), "--main_process_ip", address[0], "--main_process_port", str(address[1])]
-    args += ["-m", "robustcl", *command]
-    return LaunchPlan(tuple(args), env, total)
+    return args, env
 
 
 def threads_per_process(processes_per_node: int, cpu: bool) -> int:

@@ -11,15 +11,21 @@ import importlib.resources
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 from .encoder_record import MethodCard
 from .errors import UserError, one_line, shown
+from .eval_report import EvalReport
 from .hub import REPO_ID_RULE, invalid_repo_id
 from .models import RobustCLResNetPreTrainedModel
 from .recipe import Recipe
+
+if TYPE_CHECKING:
+    from .evaluation.ensemble import EnsembleFigures
+
+    Figures = EvalReport | EnsembleFigures  # SA, RA, AA and epsilon of a row
 
 TEMPLATE_NAME = "robustcl_model_card.md"
 REPO_ID_WHERE = "--repo-id / export.repo_id"
@@ -47,7 +53,7 @@ class CardFacts:
     method: MethodCard | None = None  # the checkpoint's record of the training method
     recipe: Recipe | None = None
     compute: dict[str, Any] | None = None  # the checkpoint's record: steps, images_seen, wall_time_s, hardware
-    evaluations: list[dict[str, Any]] = field(default_factory=list)  # eval.json reports
+    evaluations: list[EvalReport] = field(default_factory=list)  # eval.json reports
     classifier_protocol: str | None = None  # set when the export is a finetuned classifier
     export_format: str = "remote-code"  # "native": transformers' own ResNet, normalisation in the image processor
 
@@ -190,34 +196,33 @@ def _compute(facts: CardFacts) -> dict[str, Any] | None:
     }
 
 
-def _evaluation_rows(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _evaluation_rows(evaluations: list[EvalReport]) -> list[dict[str, Any]]:
     rows = []
     for e in evaluations:
-        protocol = e["protocol"].upper() + (f" ({_md(e['preset'])} preset)" if e.get("preset") else "")
-        epochs = (e["finetune"]["selected_epoch"], e["finetune"]["epochs"])
-        rows.append(_row(protocol, e, e["dataset"]["test_split"], e, epochs))
+        protocol = e.protocol.upper() + (f" ({_md(e.preset)} preset)" if e.preset else "")
+        rows.append(_row(protocol, e, e.dataset.test_split, e, (e.finetune.selected_epoch, e.finetune.epochs)))
     return rows + _ensemble_row(evaluations)
 
 
 def _row(
-    protocol: str, report: dict[str, Any], test_split: str, figures: dict[str, Any], epochs: tuple[Any, Any]
+    protocol: str, report: EvalReport, test_split: str, figures: Figures, epochs: tuple[Any, Any]
 ) -> dict[str, Any]:
     """One row of the evaluation table: ``figures`` (SA, RA, AA, epsilon) measured on ``report``'s test data."""
     return {
         "protocol": protocol,
-        "dataset": _md(dataset_display(report["dataset"]["path"]) + f" ({test_split})"),
-        "epsilon": _eps(figures["epsilon"]),
-        "SA": _pct(figures["SA"]),
-        "RA": _pct(figures["RA"]),
-        "AA": _pct(figures["AA"]),
-        "test_images": report["split_sizes"]["test"],
-        "attacked": report["split_sizes"]["attacked"],
+        "dataset": _md(dataset_display(report.dataset.path) + f" ({test_split})"),
+        "epsilon": _eps(figures.epsilon),
+        "SA": _pct(figures.SA),
+        "RA": _pct(figures.RA),
+        "AA": _pct(figures.AA),
+        "test_images": report.split_sizes.test,
+        "attacked": report.split_sizes.attacked,
         "selected_epoch": epochs[0],
         "epochs": epochs[1],
     }
 
 
-def _ensemble_row(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _ensemble_row(evaluations: list[EvalReport]) -> list[dict[str, Any]]:
     """The RobustSSL leaderboard's ensemble (mean of SLF, ALF and AFF) when the card has one evaluation of each."""
     from .evaluation.ensemble import card_ensemble
 
@@ -225,58 +230,57 @@ def _ensemble_row(evaluations: list[dict[str, Any]]) -> list[dict[str, Any]]:
     if figures is None:
         return []
     protocol = "Ensemble (mean of SLF, ALF, AFF)"
-    return [_row(protocol, evaluations[0], figures["test_split"], figures, ("–", "–"))]
+    return [_row(protocol, evaluations[0], figures.test_split, figures, ("–", "–"))]
 
 
-def _threat(evaluations: list[dict[str, Any]]) -> dict[str, str]:
+def _threat(evaluations: list[EvalReport]) -> dict[str, str]:
     pgd = {
-        f"PGD-{p['steps']} (cross-entropy, step {_eps(p['step_size'])}, "
-        f"{'random' if p['random_start'] else 'no random'} start)"
-        for p in (e["attack"]["pgd"] for e in evaluations if e["RA"] is not None)
+        f"PGD-{p.steps} (cross-entropy, step {_eps(p.step_size)}, {'random' if p.random_start else 'no random'} start)"
+        for p in (e.attack.pgd for e in evaluations if e.RA is not None)
     }
     aa = {
-        f"version '{e['attack']['autoattack']['version']}'"
+        f"version '{e.attack.autoattack.version}'"
         for e in evaluations
-        if e["AA"] is not None and e["attack"]["autoattack"]
+        if e.AA is not None and e.attack.autoattack is not None
     }
     return {"pgd": "; ".join(sorted(pgd)) or "not measured", "autoattack": "; ".join(sorted(aa)) or "not measured"}
 
 
-def eval_results(evaluations: list[dict[str, Any]]) -> list[EvalResult]:
+def _eval_result(e: EvalReport, name: str, attack: str, value: float) -> EvalResult:
+    """The ``model-index`` entry of one metric of one evaluation, in percent."""
+    data, protocol = e.dataset, e.protocol
+    return EvalResult(
+        task_type="image-classification",
+        task_name="Image classification",
+        dataset_type=dataset_display(data.path),
+        dataset_name=dataset_display(data.path),
+        dataset_config=one_line(data.name) if data.name else None,
+        dataset_split=one_line(data.test_split),
+        metric_type="accuracy",
+        metric_name=f"{name}, {protocol.upper()}",
+        metric_config=protocol,
+        metric_value=round(100 * value, 2),
+        metric_args={
+            "protocol": protocol,
+            "attack": attack,
+            "norm": "Linf",
+            "epsilon": _eps(e.epsilon),
+            "test_images": e.split_sizes.test if attack == "clean" else e.split_sizes.attacked,
+        },
+    )
+
+
+def eval_results(evaluations: list[EvalReport]) -> list[EvalResult]:
     """``model-index`` entries: SA, RA and AA (when measured) of every evaluation, in percent."""
     results = []
     for e in evaluations:
-        data, protocol = e["dataset"], e["protocol"]
-        pgd = e["attack"]["pgd"]
+        steps = e.attack.pgd.steps
         measured = [
-            ("SA", "clean", e["SA"]),
-            (f"RA (PGD-{pgd['steps']})", f"pgd{pgd['steps']}", e["RA"]),
-            ("AA (AutoAttack)", "autoattack", e["AA"]),
+            ("SA", "clean", e.SA),
+            (f"RA (PGD-{steps})", f"pgd{steps}", e.RA),
+            ("AA (AutoAttack)", "autoattack", e.AA),
         ]
-        for name, attack, value in measured:
-            if value is None:
-                continue
-            results.append(
-                EvalResult(
-                    task_type="image-classification",
-                    task_name="Image classification",
-                    dataset_type=dataset_display(data["path"]),
-                    dataset_name=dataset_display(data["path"]),
-                    dataset_config=one_line(data["name"]) if data.get("name") else None,
-                    dataset_split=one_line(data["test_split"]),
-                    metric_type="accuracy",
-                    metric_name=f"{name}, {protocol.upper()}",
-                    metric_config=protocol,
-                    metric_value=round(100 * value, 2),
-                    metric_args={
-                        "protocol": protocol,
-                        "attack": attack,
-                        "norm": "Linf",
-                        "epsilon": _eps(e["epsilon"]),
-                        "test_images": e["split_sizes"]["test" if attack == "clean" else "attacked"],
-                    },
-                )
-            )
+        results += [_eval_result(e, name, attack, value) for name, attack, value in measured if value is not None]
     return results
 
 
@@ -337,38 +341,35 @@ def _native_text(text: str, facts: CardFacts, repo_id: str) -> str:
     return text[:start] + section + (text[end + 1 :] if end >= 0 else "")
 
 
-def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCard:
-    """The card as a ``ModelCard`` (YAML metadata + markdown)."""
-    template = Path(template) if template is not None else default_template()
-    if not template.is_file():
-        raise UserError("model card template not found", str(template), "give an existing jinja markdown file")
-    repo_id = card_repo_id(facts.repo_id)
+def _card_data(facts: CardFacts, repo_id: str) -> ModelCardData:
+    """The card's YAML metadata, ``model-index`` included."""
     method_name = facts.recipe.method.name if facts.recipe else None
     datasets = [facts.recipe.data.path] if facts.recipe and _HUB_ID.fullmatch(facts.recipe.data.path) else None
-    is_classifier = facts.classifier_protocol is not None
     results = eval_results(facts.evaluations)
-    data = ModelCardData(
+    return ModelCardData(
         model_name=repo_id.split("/")[-1],
         license=facts.license,
         library_name="transformers",
-        pipeline_tag="image-classification" if is_classifier else "image-feature-extraction",
+        pipeline_tag="image-classification" if facts.classifier_protocol else "image-feature-extraction",
         tags=[t for t in ("robustcl", "adversarial-robustness", "self-supervised-learning", method_name) if t],
         datasets=datasets,
         metrics=["accuracy"] if results else None,
         eval_results=results or None,
     )
-    from . import __version__
 
+
+def _headline(facts: CardFacts, repo_id: str) -> dict[str, Any]:
+    """The card's title, summary, training method and (for a classifier export) classifier."""
+    method_name = facts.recipe.method.name if facts.recipe else None
     display = facts.method.display_name if facts.method is not None else (method_name or "unknown").upper()
-    method = {"name": display, "paper": facts.method.paper if facts.method is not None else None}
     adversarial = facts.method is None or facts.method.adversarial
-    kind = "robust " if adversarial else ""
+    kind, protocol = "robust " if adversarial else "", facts.classifier_protocol
     title = f"{repo_id.split('/')[-1]}: " + (
-        f"{kind}classifier ({facts.classifier_protocol.upper()})" if is_classifier else f"{kind}image encoder"
+        f"{kind}classifier ({protocol.upper()})" if protocol else f"{kind}image encoder"
     )
     summary = (
         f"An image encoder pretrained with {display if method_name else 'robustcl'}"
-        + (f" with a linear head finetuned by {facts.classifier_protocol.upper()}" if is_classifier else "")
+        + (f" with a linear head finetuned by {protocol.upper()}" if protocol else "")
         + (
             ", trained self-supervised (without labels) to keep its features stable under adversarial perturbations."
             if adversarial
@@ -376,24 +377,33 @@ def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCa
         )
     )
     classifier = None
-    if is_classifier:
+    if protocol:
         classifier = {
-            "protocol": facts.classifier_protocol,
+            "protocol": protocol,
             "num_labels": facts.model.config.num_labels,
-            "description": _PROTOCOL_TEXT[facts.classifier_protocol],
+            "description": _PROTOCOL_TEXT[protocol],
         }
+    method = {"name": display, "paper": facts.method.paper if facts.method is not None else None}
+    return {"title": title, "summary": summary, "method": method, "classifier": classifier}
+
+
+def render_model_card(facts: CardFacts, template: Path | None = None) -> ModelCard:
+    """The card as a ``ModelCard`` (YAML metadata + markdown)."""
+    template = Path(template) if template is not None else default_template()
+    if not template.is_file():
+        raise UserError("model card template not found", str(template), "give an existing jinja markdown file")
+    repo_id = card_repo_id(facts.repo_id)
     import jinja2
+
+    from . import __version__
 
     try:
         card = ModelCard.from_template(
-            data,
+            _card_data(facts, repo_id),
             template_path=str(template),
-            title=title,
-            summary=summary,
+            **_headline(facts, repo_id),
             repo_id=repo_id,
-            method=method,
             arch=_architecture(facts),
-            classifier=classifier,
             versions={"robustcl": __version__},
             pretraining=_pretraining(facts),
             compute=_compute(facts),

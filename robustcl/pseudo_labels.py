@@ -8,7 +8,6 @@ resolution), the encoder reference, the seed and whether features were L2-normal
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,14 +15,13 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .collectives import shard_range
+from .atomic_write import atomic_file
 from .data.images import ImageRows
 from .errors import UserError
-from .features import CHUNK, encode_rows
+from .features import CHUNK
 from .kmeans import OneProcess, kmeans
 from .pseudo_label_pickle import PICKLE_SUFFIXES, read_label_pickle
-
-LABELS_FILE = "pseudo_labels.safetensors"
+from .setup_context import RowBlock, encode_block
 
 
 @dataclass
@@ -33,6 +31,26 @@ class PseudoLabels:
     encoder: str
     seed: int
     normalized: bool
+
+
+def check_cluster_counts(clusters: Sequence[int], images: int) -> None:
+    """Refuse a K above the image count (before the feature pass, which is the slow part)."""
+    for k in clusters:
+        if k > images:
+            raise UserError(f"cannot form {k} clusters from {images} images", "method.advcl.clusters")
+
+
+def cluster_labels(
+    features: RowBlock, clusters: Sequence[int], *, seed: int = 0, normalize: bool = True, progress: bool = True
+) -> dict[int, torch.Tensor]:
+    """k-means labels (int64, host) of the feature rows for every K, in dataset order on every process: the blocks
+    of all processes are clustered together (k-means combines per-block sums), L2-normalised when ``normalize``."""
+    rows = torch.nn.functional.normalize(features.rows, dim=1) if normalize else features.rows
+    labels = {}
+    for k in tqdm(list(clusters), desc="k-means", unit="K", disable=not progress):
+        found = kmeans(rows, int(k), seed=seed, group=features.collectives).labels
+        labels[int(k)] = features.gather(found).cpu()
+    return labels
 
 
 def compute_pseudo_labels(
@@ -46,54 +64,15 @@ def compute_pseudo_labels(
     device: torch.device | None = None,
     batch_size: int = CHUNK,
     progress: bool = True,
-    group: OneProcess | None = None,
-) -> PseudoLabels | None:
+) -> PseudoLabels:
     """Cluster ``images`` (uint8, dataset order) by the features of ``encoder`` (pixels in [0, 1] → features; its
-    ``reference`` is recorded in the file) for every K.
-
-    Under a ``group`` every process calls this: each encodes only its block of rows (:func:`shard_range`), keeps its
-    features, and k-means combines the shards; the labels are gathered on rank 0, which gets the result (None
-    elsewhere). A failure of one process's feature pass (an unreadable image in its shard) ends every process with
-    its message. Setting ``ROBUSTCL_ENCODED_ROWS_LOG`` to a file appends one line per process naming the rows it
-    encoded (tests check the sharding with it)."""
-    group = group or OneProcess()
-    for k in clusters:  # before the feature pass, which is the slow part
-        if k > len(images):
-            raise UserError(f"cannot form {k} clusters from {len(images)} images", "method.advcl.clusters")
+    ``reference`` is recorded in the file) for every K, in this process (``robustcl cluster``; training clusters
+    through its setup context, sharded over its processes)."""
+    check_cluster_counts(clusters, len(images))
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    features = group.agree(
-        lambda: _encode_shard(encoder.to(device), images, group, device, normalize, progress, batch_size),
-        "encoding the images",
-    )
-    labels = {}
-    for k in tqdm(list(clusters), desc="k-means", unit="K", disable=not progress):
-        found = kmeans(features, int(k), seed=seed, group=group).labels
-        labels[int(k)] = group.gather_rows(found)
-    if group.rank != 0:
-        return None
-    return PseudoLabels({k: v.cpu() for k, v in labels.items()}, images.identity(), str(reference), seed, normalize)
-
-
-def _encode_shard(
-    encoder: torch.nn.Module,
-    images: ImageRows,
-    group: OneProcess,
-    device: torch.device,
-    normalize: bool,
-    progress: bool,
-    batch_size: int,
-) -> torch.Tensor:
-    """float32 features of this process's block of rows, L2-normalised when ``normalize``."""
-    # Blocks of whole feature batches: every image is encoded in the very batch one process would encode it in, so
-    # the features do not depend on the process count (batch-shape-dependent kernels, TF32 convolutions).
-    rows = shard_range(len(images), group.rank, group.size, align=batch_size)
-    features = encode_rows(encoder, images, device, progress, batch_size, rows=torch.arange(rows.start, rows.stop))
-    log = os.environ.get("ROBUSTCL_ENCODED_ROWS_LOG")
-    if log:  # a test hook: which rows this process pushed through the encoder
-        with open(log, "a") as f:
-            f.write(f"process {group.rank} of {group.size} encoded rows {rows.start}..{rows.stop}\n")
-    features = features.float()
-    return torch.nn.functional.normalize(features, dim=1) if normalize else features
+    features = encode_block(encoder, images, device, OneProcess(), batch_size=batch_size, progress=progress)
+    labels = cluster_labels(features, clusters, seed=seed, normalize=normalize, progress=progress)
+    return PseudoLabels(labels, images.identity(), str(reference), seed, normalize)
 
 
 def check_labels_output(path: Path, where: str) -> None:
@@ -114,15 +93,14 @@ def save_pseudo_labels(path: Path, result: PseudoLabels) -> Path:
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     metadata = {
         "images_sha256": result.fingerprint,
         "encoder": result.encoder,
         "seed": str(result.seed),
         "normalized": str(result.normalized).lower(),
     }
-    save_file({f"k{k}": v.contiguous() for k, v in result.labels.items()}, str(tmp), metadata=metadata)
-    tmp.replace(path)
+    with atomic_file(path) as tmp:
+        save_file({f"k{k}": v.contiguous() for k, v in result.labels.items()}, str(tmp), metadata=metadata)
     return path
 
 

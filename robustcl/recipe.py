@@ -13,6 +13,7 @@ from typing import Annotated, Any, ClassVar, Literal, get_args, get_origin
 
 import yaml
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -34,9 +35,9 @@ from .models.configuration_robustcl import (
     MAX_PARAMETERS,
     MAX_STAGES,
     MAX_WIDTH,
-    STEM_KERNEL,
     estimate_parameters,
 )
+from .models.resnet import STEM_KERNEL, STEM_PADDING
 
 
 def _parse_fraction(value: Any) -> Any:
@@ -57,6 +58,7 @@ PixelFloat = Annotated[float, BeforeValidator(_parse_fraction)]
 NonNegativeFloat = Annotated[float, Field(ge=0)]
 PositiveFloat = Annotated[float, Field(gt=0)]
 PositiveInt = Annotated[int, Field(ge=1)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
 Hue = Annotated[float, Field(ge=0, le=0.5)]  # ColorJitter's hue shift is a fraction of the colour circle, at most half
 # Seeds feed torch generators, also as seed + 1 and seed × 1,000,003 + index (evaluation): 32 bits keep every one
 # of them in range.
@@ -64,7 +66,24 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1)]
 # Side of the square images data is decoded to. A 4096² RGB image is 48 MB decoded; beyond that a ResNet encoder is
 # not what anyone trains, and a typo (100000) would ask for 30 GB per image.
 MAX_RESOLUTION = 4096
-_STEM_PADDING = {"cifar": 1, "imagenet": 3}
+
+
+def _low_at_most_high(pair: tuple[float, float]) -> tuple[float, float]:
+    if pair[0] > pair[1]:
+        raise ValueError(f"must be [low, high] with low ≤ high, got {list(pair)}")
+    return pair
+
+
+# What the augmentation settings may be: the recipe's augment section and the augmentations' own parameters
+# (data/augment.py) are both checked by these types.
+Probability = Annotated[float, Field(ge=0, le=1)]
+Interpolation = Literal["bicubic", "bilinear"]
+AreaFraction = Annotated[float, Field(gt=0, le=1)]
+CropScale = Annotated[tuple[AreaFraction, AreaFraction], AfterValidator(_low_at_most_high)]
+CropRatio = Annotated[tuple[PositiveFloat, PositiveFloat], AfterValidator(_low_at_most_high)]
+Jitter = tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat, Hue]  # brightness, contrast, saturation, hue
+BlurSide = Annotated[float, Field(ge=0, le=MAX_RESOLUTION)]  # a σ beyond the largest image side only flattens it
+BlurSigma = Annotated[tuple[BlurSide, BlurSide], AfterValidator(_low_at_most_high)]
 
 
 def _type_args(annotation: Any) -> set[Any]:
@@ -101,38 +120,37 @@ class Section(BaseModel):
 class AugmentConfig(Section):
     """SimCLR view augmentation, run on the device per sample."""
 
-    crop_scale: tuple[Annotated[float, Field(gt=0, le=1)], Annotated[float, Field(gt=0, le=1)]] = Field(
+    crop_scale: CropScale = Field(
         (0.08, 1.0), description="RandomResizedCrop area range: fractions of the image, 0 < low ≤ high ≤ 1"
     )
-    crop_ratio: tuple[PositiveFloat, PositiveFloat] = Field(
+    crop_ratio: CropRatio = Field(
         (3 / 4, 4 / 3), description="RandomResizedCrop aspect-ratio (width / height) range, 0 < low ≤ high"
     )
-    interpolation: Literal["bicubic", "bilinear"] = Field("bicubic", description="crop resampling")
-    flip_p: float = Field(0.5, ge=0, le=1, description="horizontal flip probability")
-    jitter: tuple[NonNegativeFloat, NonNegativeFloat, NonNegativeFloat, Hue] = Field(
+    interpolation: Interpolation = Field("bicubic", description="crop resampling")
+    flip_p: Probability = Field(0.5, description="horizontal flip probability")
+    jitter: Jitter = Field(
         (0.4, 0.4, 0.4, 0.1), description="colour jitter strength: brightness, contrast, saturation (≥ 0), hue (0–0.5)"
     )
-    jitter_p: float = Field(0.8, ge=0, le=1, description="probability of applying colour jitter")
-    grayscale_p: float = Field(0.2, ge=0, le=1, description="probability of converting to grayscale")
-    blur_p: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+    jitter_p: Probability = Field(0.8, description="probability of applying colour jitter")
+    grayscale_p: Probability = Field(0.2, description="probability of converting to grayscale")
+    blur_p: tuple[Probability, Probability] = Field(
         (0.0, 0.0),
         description="probability of blurring the first and the second SimCLR view with PIL's GaussianBlur(radius=σ) "
         "(after grayscale), as solo-learn's per-view pipelines (solo/utils/contrastive_dataloader.py); one number: "
         "both views; read by method simclr",
     )
-    # A σ beyond the largest image side only flattens the image.
-    blur_sigma: tuple[
-        Annotated[float, Field(ge=0, le=MAX_RESOLUTION)], Annotated[float, Field(ge=0, le=MAX_RESOLUTION)]
-    ] = Field(
+    blur_sigma: BlurSigma = Field(
         (0.1, 2.0), description="the blur's σ, uniform in [low, high] per image (solo-learn GaussianBlur: [0.1, 2.0])"
     )
-    solarize_p: tuple[Annotated[float, Field(ge=0, le=1)], Annotated[float, Field(ge=0, le=1)]] = Field(
+    solarize_p: tuple[Probability, Probability] = Field(
         (0.0, 0.0),
         description="probability of solarising (PIL ImageOps.solarize: grey levels ≥ 128 inverted) the first and "
         "the second SimCLR view (after the blur), as solo-learn's per-view pipelines (asymmetric: [0.0, 0.2]); "
         "one number: both views; read by method simclr",
     )
-    weak_padding: int = Field(4, ge=0, description="weak view (AdvCL, DeACL): RandomCrop with this zero padding + flip")
+    weak_padding: NonNegativeInt = Field(
+        4, description="weak view (AdvCL, DeACL): RandomCrop with this zero padding + flip"
+    )
     crop_on: Literal["decoded", "original"] = Field(
         "decoded",
         description="decoded: RandomResizedCrop of the image decoded at data.resolution (the CIFAR recipes); original: "
@@ -150,13 +168,6 @@ class AugmentConfig(Section):
         if isinstance(value, (list, tuple)) and len(value) != 2:
             raise ValueError(f"must be [first view, second view] or one number for both, got {list(value)}")
         return value
-
-    @field_validator("crop_scale", "crop_ratio", "blur_sigma")
-    @classmethod
-    def _low_at_most_high(cls, pair: tuple[float, float]) -> tuple[float, float]:
-        if pair[0] > pair[1]:
-            raise ValueError(f"must be [low, high] with low ≤ high, got {list(pair)}")
-        return pair
 
 
 class DataConfig(Section):
@@ -801,7 +812,7 @@ class Recipe(Section):
     def _stem_fits_the_images(self) -> Recipe:
         # Otherwise the first convolution fails inside the first training (or evaluation) step.
         m = self.model
-        kernel, pad = STEM_KERNEL[m.stem], m.stem_padding if m.stem_padding is not None else _STEM_PADDING[m.stem]
+        kernel, pad = STEM_KERNEL[m.stem], m.stem_padding if m.stem_padding is not None else STEM_PADDING[m.stem]
         for key, resolution in [
             ("data.resolution", self.data.resolution),
             ("eval.data.resolution", self.eval.data.resolution),

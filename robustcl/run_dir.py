@@ -1,11 +1,8 @@
-"""The run directory: its resolved recipe and its checkpoints (written atomically, found again on resume).
+"""The run directory: its resolved recipe and its checkpoints (written atomically, found again on resume). Its
+files' names, and the layout, are in ``run_layout``.
 
-Layout::
-
-    RUN_DIR/recipe.yaml                 resolved recipe of the run
-    RUN_DIR/checkpoints/step-00000100/  one complete `accelerator.save_state` folder + COMPLETE marker, which
-                                        lists every file's size and SHA-256 (checked before a checkpoint is used)
-    RUN_DIR/metrics.jsonl, summary.json, logs/, encoder/
+A checkpoint is complete once its COMPLETE marker is written, listing every file's size and SHA-256 (checked before
+a checkpoint is used).
 """
 
 from __future__ import annotations
@@ -16,7 +13,8 @@ import os
 import pickle
 import shutil
 import sys
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,18 +22,13 @@ import torch
 from accelerate import Accelerator
 from safetensors.torch import save_file
 
+from .atomic_write import TEMP_PREFIX, atomic_folder
 from .deepspeed_support import safe_checkpoint_loading, uses_deepspeed
 from .errors import StorageError, UserError, describe_write_failure, is_write_failure
 from .export_layout import WEIGHTS_FILE
 from .json_files import to_json
 from .recipe import Recipe, read_yaml, recipe_from_dict
-
-RECIPE_FILE = "recipe.yaml"
-ENCODER_DIR = "encoder"  # the export pretrain writes at the end of a run
-CHECKPOINTS = "checkpoints"
-COMPLETE_MARKER = "COMPLETE"
-TRAIN_STATE = "train_state.json"
-_PREFIX = "step-"
+from .run_layout import CHECKPOINT_PREFIX, CHECKPOINTS, COMPLETE_MARKER, RECIPE_FILE, TRAIN_STATE
 
 
 def read_run_recipe(run_dir: Path) -> Recipe | None:
@@ -56,13 +49,13 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / CHECKPOINTS
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.name.startswith(_PREFIX) and (p / COMPLETE_MARKER).is_file()]
+    found = [p for p in root.iterdir() if p.name.startswith(CHECKPOINT_PREFIX) and (p / COMPLETE_MARKER).is_file()]
     return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_step(checkpoint: Path) -> int:
     """The optimizer step a checkpoint folder was written after."""
-    return int(Path(checkpoint).name.removeprefix(_PREFIX))
+    return int(Path(checkpoint).name.removeprefix(CHECKPOINT_PREFIX))
 
 
 def _sha256(path: Path) -> str:
@@ -112,12 +105,56 @@ def latest_checkpoint(run_dir: Path, warn: bool = True) -> Path | None:
     return None
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+def _remove_stale(root: Path) -> None:
+    """What a run killed while writing a checkpoint, or while deleting an old one, left behind."""
+    unmarked = [p for p in root.glob(f"{CHECKPOINT_PREFIX}*") if not (p / COMPLETE_MARKER).is_file()]
+    for stale in [*root.glob(f"{TEMP_PREFIX}{CHECKPOINT_PREFIX}*"), *unmarked]:
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _write_state(
+    accelerator: Accelerator, model: torch.nn.Module, folder: Path, step: int, train_state: dict[str, Any]
+) -> None:
+    """Every process's part of the checkpoint into ``folder``; then, on the main process, the train state and the
+    marker, written last: it lists every other file, each flushed to the disk first."""
+    accelerator.save_state(str(folder), safe_serialization=True)
+    if uses_deepspeed(accelerator):
+        # DeepSpeed writes its own engine files (.pt): the full weights go beside them as safetensors, for
+        # export and evaluation. Every process takes part in gathering them (ZeRO-3: process 0 receives them).
+        state = accelerator.get_state_dict(model)
+        if accelerator.is_main_process:
+            save_file({k: v.contiguous() for k, v in state.items()}, folder / WEIGHTS_FILE)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (folder / TRAIN_STATE).write_text(to_json(train_state))
+        with (folder / COMPLETE_MARKER).open("w") as f:
+            json.dump({"step": step, "files": _file_records(folder)}, f)
+            f.flush()
+            os.fsync(f.fileno())
+
+
+@contextmanager
+def _storage_errors(run_dir: Path, step: int, final: Path) -> Iterator[None]:
+    """A failed write (disk full) as a :class:`StorageError` that says which checkpoint is left to resume from."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        yield
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        previous = latest_checkpoint(run_dir, warn=False)
+        kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint existed"
+        raise StorageError(
+            f"could not write the checkpoint of step {step}: {describe_write_failure(err)}; {kept}",
+            str(final),
+            "free some space and run the same command again: it resumes from the last checkpoint",
+        ) from err
+
+
+def _drop_old_checkpoints(run_dir: Path, keep: int) -> None:
+    for old in complete_checkpoints(run_dir)[:-keep]:
+        # Marker first: a kill during the deletion leaves a folder that no longer counts as a checkpoint.
+        (old / COMPLETE_MARKER).unlink()
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_checkpoint(
@@ -133,53 +170,16 @@ def save_checkpoint(
     ``train_state`` (counters, scheduler state) is stored as JSON: Accelerate's custom-object pickles load
     with ``weights_only=False``, which we never do.
     """
-    root = Path(run_dir) / CHECKPOINTS
-    final = root / f"{_PREFIX}{step:08d}"
-    tmp = root / f".tmp-{_PREFIX}{step:08d}"
-    if accelerator.is_main_process:
-        # Left by a run killed while writing a checkpoint or deleting an old one.
-        unmarked = [p for p in root.glob(f"{_PREFIX}*") if not (p / COMPLETE_MARKER).is_file()]
-        for stale in [*root.glob(f".tmp-{_PREFIX}*"), *unmarked]:
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    try:
-        accelerator.save_state(str(tmp), safe_serialization=True)
-        if uses_deepspeed(accelerator):
-            # DeepSpeed writes its own engine files (.pt): the full weights go beside them as safetensors, for
-            # export and evaluation. Every process takes part in gathering them (ZeRO-3: process 0 receives them).
-            state = accelerator.get_state_dict(model)
-            if accelerator.is_main_process:
-                save_file({k: v.contiguous() for k, v in state.items()}, tmp / WEIGHTS_FILE)
-        accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            (tmp / TRAIN_STATE).write_text(to_json(train_state))
-            marker = tmp / COMPLETE_MARKER
-            with marker.open("w") as f:
-                json.dump({"step": step, "files": _file_records(tmp)}, f)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-    except Exception as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not is_write_failure(err):
-            raise
-        previous = latest_checkpoint(run_dir, warn=False)
-        kept = f"the last checkpoint, {previous.name}, is intact" if previous else "no earlier checkpoint existed"
-        raise StorageError(
-            f"could not write the checkpoint of step {step}: {describe_write_failure(err)}; {kept}",
-            str(final),
-            "free some space and run the same command again: it resumes from the last checkpoint",
-        ) from err
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        _fsync_dir(root)
-        for old in complete_checkpoints(run_dir)[:-keep]:
-            # Marker first: a kill during the deletion leaves a folder that no longer counts as a checkpoint.
-            (old / COMPLETE_MARKER).unlink()
-            shutil.rmtree(old, ignore_errors=True)
+    final = Path(run_dir) / CHECKPOINTS / f"{CHECKPOINT_PREFIX}{step:08d}"
+    main = accelerator.is_main_process
+    if main:
+        _remove_stale(final.parent)
+    # The main process creates the temporary folder and renames it into place; every process writes into it.
+    with _storage_errors(run_dir, step, final), atomic_folder(final, durable=True, owner=main) as tmp:
+        accelerator.wait_for_everyone()  # the folder exists before any process writes into it
+        _write_state(accelerator, model, tmp, step, train_state)
+    if main:
+        _drop_old_checkpoints(run_dir, keep)
     accelerator.wait_for_everyone()
     return final
 

@@ -103,6 +103,21 @@ def _autocast_dtype(device: torch.device) -> torch.dtype | None:
     return None
 
 
+def step_networks(method: nn.Module) -> list[nn.Module]:
+    """Every network a training step of ``method`` calls: its own (encoder, heads; module containers opened) and the
+    frozen networks it keeps outside its weights (DeACL's teacher). The benchmark times their passes alone."""
+    nets: list[nn.Module] = []
+    for child in method.children():
+        if isinstance(child, nn.ModuleDict):
+            nets.extend(child.values())
+        elif isinstance(child, nn.ModuleList):
+            nets.extend(child)
+        else:
+            nets.append(child)
+    outside = [net for net in method.frozen_networks().values() if not any(net is n for n in nets)]
+    return [*nets, *outside]
+
+
 @contextmanager
 def record_model_passes(networks: list[nn.Module], device: torch.device) -> Iterator[list[_Call]]:
     """Record every call of ``networks`` (not of their sub-modules) while the block runs, with the backward each

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import shutil
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +17,13 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import InitProcessGroupKwargs, ProjectConfiguration
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
+from .atomic_write import atomic_file
 from .collectives import check_replicas_identical, convert_sync_batchnorm
 from .data.batches import BatchPlan, EpochBatches, batch_random, plan_batches
+from .data.crops import CropPlan
 from .data.images import ImageRows
 from .data.loading import OpenedSplit, open_pretraining_split, pretraining_images
 from .data.placement import ImageFeed, image_feed
@@ -36,21 +38,20 @@ from .distributed import (
 )
 from .encoder_record import TRAIN_STATE_KEY
 from .errors import NonFiniteLoss, UserError
+from .eval_report import EvalReport
 from .evaluation.preflight import check_after_pretrain
 from .export import export_run
 from .fingerprint import data_changes
 from .json_files import to_json, write_json
 from .locking import folder_lock
 from .method_registry import build_method, method_class
-from .methods.base import Method, TrainingRun
+from .methods.base import Method
 from .methods.views import original_crop_plan
 from .model_loading import check_model_size
 from .optim import build_optimizer, build_scheduler
 from .preemption import StopOnSignal, TrainingStopped
 from .recipe import Recipe, TrainingConfig, recipe_differences
 from .run_dir import (
-    ENCODER_DIR,
-    RECIPE_FILE,
     checkpoint_step,
     complete_checkpoints,
     latest_checkpoint,
@@ -58,11 +59,9 @@ from .run_dir import (
     read_run_recipe,
     save_checkpoint,
 )
+from .run_layout import DATA_FINGERPRINT_FILE, ENCODER_DIR, LOGS_DIR, METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
+from .setup_context import ProcessesSetupContext
 from .tracking import check_installed, start_trackers
-
-METRICS_FILE = "metrics.jsonl"
-SUMMARY_FILE = "summary.json"
-DATA_FINGERPRINT_FILE = "data_fingerprint.json"
 
 
 @dataclass
@@ -75,7 +74,7 @@ class RunSummary:
     images_seen: int
     wall_time_s: float
     final_loss: float | None  # the last logged loss (None when no step was logged with one)
-    evaluation: dict[str, Any] | None  # the eval.json report when eval.after_pretrain
+    evaluation: EvalReport | None  # the eval.json report when eval.after_pretrain
     already_finished: bool = False  # the run had finished before this command: nothing was changed
 
     def to_dict(self) -> dict[str, Any]:
@@ -122,7 +121,7 @@ def make_accelerator(recipe: Recipe, run_dir: Path) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=_mixed_precision(recipe.training.precision, on_cpu),
         log_with=recipe.logging.trackers or None,
-        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / "logs")),
+        project_config=ProjectConfiguration(project_dir=str(run_dir), logging_dir=str(run_dir / LOGS_DIR)),
         **options,
     )
     check_world_size(accelerator)
@@ -186,35 +185,59 @@ def finished_run(run_dir: Path, recipe: Recipe) -> RunSummary | None:
     if checkpoint is None or record.get("steps") != checkpoint_step(checkpoint):
         return None
     try:
-        return RunSummary(
-            **{**record, "run_dir": Path(record["run_dir"]), "encoder_dir": Path(record["encoder_dir"])},
-            already_finished=True,
-        )
-    except (KeyError, TypeError):
+        report = record.get("evaluation")
+        evaluation = None if report is None else EvalReport.model_validate(report)
+        paths = {"run_dir": Path(record["run_dir"]), "encoder_dir": Path(record["encoder_dir"])}
+        return RunSummary(**{**record, **paths, "evaluation": evaluation}, already_finished=True)
+    except (KeyError, TypeError, ValidationError):
         return None  # a summary of an older layout: the run is finished again, writing a new one
 
 
 @dataclass
+class TrainingData:
+    """What the steps train on: the batch plan (processes, micro-batches), the images' order over the epochs, the
+    micro-batches' images on the device, and the run's length in optimizer steps."""
+
+    plan: BatchPlan
+    batches: EpochBatches
+    feed: ImageFeed
+    total_steps: int
+
+
+@dataclass
+class Optimisation:
+    """What updates the weights: the optimizer (every parameter outside the method's frozen networks, as prepared by
+    Accelerate) and the learning-rate schedule (stepped once per optimizer step, checkpointed by the trainer)."""
+
+    optimizer: Any
+    scheduler: Any
+
+
+@dataclass
+class Restored:
+    """Where the session starts: the step and the run's totals so far, from the checkpoint restored (none: a fresh
+    start at step 0)."""
+
+    compute: dict[str, Any]  # images seen, wall time and hardware of the run so far (the model card reports them)
+    step: int = 0
+    skipped_steps: int = 0  # steps of the run whose update was dropped for a NaN/inf (training.nonfinite: skip)
+    checkpoint: Path | None = None
+
+
+@dataclass
 class Session:
-    """Everything one training session holds: the prepared model and optimizer, the data on the device, the
-    schedule, the step it starts from (0, or the restored checkpoint's) and the run directory's lock."""
+    """Everything one training session holds: the method (unwrapped, and as prepared by Accelerate: DDP-wrapped on
+    several processes), the data, the optimisation state, where it starts and the run directory's lock."""
 
     recipe: Recipe
     run_dir: Path
     accelerator: Accelerator
-    method: Method  # unwrapped
-    model: torch.nn.Module  # as prepared by Accelerate (DDP-wrapped on several processes)
-    optimizer: Any
-    scheduler: Any
-    plan: BatchPlan
-    batches: EpochBatches
-    feed: ImageFeed  # the micro-batches' images, on the device
-    total_steps: int
-    step: int
-    compute: dict[str, Any]
+    method: Method
+    model: torch.nn.Module
     sync_batchnorm: bool  # BN statistics (and so the BN buffers) shared by all processes
-    skipped_steps: int  # steps of the run whose update was dropped for a NaN/inf (training.nonfinite: skip)
-    checkpoint: Path | None  # the checkpoint restored, None on a fresh start
+    data: TrainingData
+    optimisation: Optimisation
+    start: Restored
     held: ExitStack  # the run directory's lock (main process) and the feed's thread, released by close()
 
     def close(self) -> None:
@@ -294,11 +317,35 @@ def _start_session(
     plan: BatchPlan,
     held: ExitStack,
 ) -> Session:
-    t, main = recipe.training, accelerator.is_main_process
+    """Data, method, optimizer, restored checkpoint, in that order; then the run directory becomes this run's."""
     # Refused before any data is opened when the method cannot take crops of the original images.
     crops = original_crop_plan(recipe, method_class(recipe.method.name).original_crops)
     check_after_pretrain(recipe, accelerator)  # the evaluation the run ends with: refused now, not after training
     opened, images = _open_data(recipe, run_dir, allow_data_change, accelerator, crops is not None)
+    data = _training_data(recipe, accelerator, plan, images, crops, held)
+    method, sync_bn, speed = _build_method(recipe, run_dir, accelerator, data, images)
+    model, optimisation = _prepare_optimisation(recipe, accelerator, method, data)
+    start = _restore(accelerator, run_dir, resume, optimisation)
+    if accelerator.is_main_process:
+        _adopt_run_dir(recipe, run_dir, opened.fingerprint, allow_data_change, start.step)
+    accelerator.wait_for_everyone()
+    session = Session(recipe, run_dir, accelerator, method, model, sync_bn, data, optimisation, start, held)
+    _announce(session, speed)
+    start.compute["hardware"] = list(dict.fromkeys([*start.compute["hardware"], hardware_description(accelerator)]))
+    start.compute["dataset_images"] = len(images)
+    return session
+
+
+def _training_data(
+    recipe: Recipe,
+    accelerator: Accelerator,
+    plan: BatchPlan,
+    images: ImageRows,
+    crops: CropPlan | None,
+    held: ExitStack,
+) -> TrainingData:
+    """The epochs' batch order and the feed that puts each micro-batch's images on the device."""
+    t = recipe.training
     batches = EpochBatches(
         len(images), t.batch_size, t.seed, plan.processes, accelerator.process_index, plan.accumulation
     )
@@ -307,57 +354,102 @@ def _start_session(
     workers = default_workers(processes_on_node(accelerator)) if workers is None else workers
     feed = image_feed(images, batches, accelerator.device, t.data_placement, workers, total_steps, crops)
     held.callback(feed.close)  # its prefetch thread or decoding workers, also when a later start-up check fails
+    return TrainingData(plan, batches, feed, total_steps)
 
+
+def _build_method(
+    recipe: Recipe, run_dir: Path, accelerator: Accelerator, data: TrainingData, images: ImageRows
+) -> tuple[Method, bool, str]:
+    """The method, set up, with BN synchronised across processes when it should be and the speed settings on;
+    returns it, whether BN is synchronised, and the speed settings switched on."""
+    t = recipe.training
     # Built on the host before it moves to the device.
     check_model_size(recipe.model, "model.widths, model.block_layers", "lower them, or use a machine with more memory")
     torch.manual_seed(t.seed)
     method = build_method(recipe)
     # Before the checkpoint is restored and before DDP wraps the method: a teacher or pseudo-labels come from
     # outside the weights (a DeACL student starts as its teacher; a restored checkpoint then overrides that).
-    method.setup(TrainingRun(run_dir, images, batches.steps_per_epoch, total_steps, accelerator.device, accelerator))
-    sync_bn = plan.processes > 1 and (t.sync_batchnorm if t.sync_batchnorm is not None else type(method).contrastive)
+    context = ProcessesSetupContext(
+        run_dir, images, data.batches.steps_per_epoch, data.total_steps, accelerator.device,
+        progress=accelerator.is_main_process, accelerator=accelerator,
+    )  # fmt: skip
+    method.setup(context)
+    sync_bn = data.plan.processes > 1 and (
+        t.sync_batchnorm if t.sync_batchnorm is not None else type(method).contrastive
+    )
     if sync_bn:
         convert_sync_batchnorm(method)  # same parameters and buffers: checkpoints and exports are unchanged
-    speed = apply_speed_settings(method, t, accelerator.device)
+    return method, sync_bn, apply_speed_settings(method, t, accelerator.device)
+
+
+def _prepare_optimisation(
+    recipe: Recipe, accelerator: Accelerator, method: Method, data: TrainingData
+) -> tuple[torch.nn.Module, Optimisation]:
+    """The optimizer and schedule of the method, and the method and optimizer prepared by Accelerate."""
+    t, plan = recipe.training, data.plan
     lr = recipe.optimizer.peak_lr(t.batch_size)
-    # Frozen parameters (DynACL's moving-average encoder) are updated by the method itself, not the optimizer.
+    # The method's frozen networks are updated by the method itself (or never), not by the optimizer.
     optimizer = build_optimizer([p for p in method.parameters() if p.requires_grad], recipe.optimizer, lr)
-    scheduler = build_scheduler(optimizer, recipe.schedule, total_steps, batches.steps_per_epoch, lr)
+    scheduler = build_scheduler(optimizer, recipe.schedule, data.total_steps, data.batches.steps_per_epoch, lr)
     accelerator.gradient_accumulation_steps = plan.accumulation
-    configure_deepspeed(accelerator, recipe, plan.micro_batch, plan.accumulation, momentum_copy=_has_frozen(method))
+    configure_deepspeed(accelerator, recipe, plan.micro_batch, plan.accumulation, frozen_in_weights(method))
     model, optimizer = accelerator.prepare(method, optimizer)
     # The scheduler is not passed to prepare(): we step it once per optimizer step (Accelerate's wrapper would
     # step it once per process) and checkpoint its state ourselves.
-    step = skipped = 0
-    compute: dict[str, Any] = {"images_seen": 0, "wall_time_s": 0.0, "hardware": []}
-    checkpoint = latest_checkpoint(run_dir, warn=main) if resume else None
-    if checkpoint is not None:
-        train_state = load_checkpoint(accelerator, checkpoint)
-        step = int(train_state["step"])
-        scheduler.load_state_dict(train_state["scheduler"])
-        compute = train_state.get("compute", compute)
-        skipped = int(train_state.get("skipped_steps", 0))
-    # Only now, with every start-up check passed: the recipe (and the data it trains on) become the run's.
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
-        if allow_data_change or not (run_dir / DATA_FINGERPRINT_FILE).is_file():
-            write_json(run_dir / DATA_FINGERPRINT_FILE, opened.fingerprint)
-        drop_metrics_after(run_dir / METRICS_FILE, step)
-    accelerator.wait_for_everyone()
+    return model, Optimisation(optimizer, scheduler)
+
+
+def frozen_in_weights(method: Method) -> list[str]:
+    """The names of the method's frozen networks that are part of its weights (what ZeRO stage 3 would partition).
+    Every parameter that requires no gradient must belong to a declared frozen network, so that messages can name
+    it."""
+    declared = {name: net for name, net in method.frozen_networks().items() if any(net is m for m in method.modules())}
+    covered = {id(p) for net in declared.values() for p in net.parameters()}
+    stray = [name for name, p in method.named_parameters() if not p.requires_grad and id(p) not in covered]
+    if stray:
+        raise RuntimeError(
+            f"{type(method).__name__} has parameters that require no gradient outside the networks its "
+            f"frozen_networks() declares: {', '.join(stray[:3])}"
+        )
+    return list(declared)
+
+
+def _restore(accelerator: Accelerator, run_dir: Path, resume: bool, optimisation: Optimisation) -> Restored:
+    """The newest complete checkpoint loaded into the prepared model, optimizer and schedule (when resuming)."""
+    start = Restored(compute={"images_seen": 0, "wall_time_s": 0.0, "hardware": []})
+    checkpoint = latest_checkpoint(run_dir, warn=accelerator.is_main_process) if resume else None
+    if checkpoint is None:
+        return start
+    train_state = load_checkpoint(accelerator, checkpoint)
+    optimisation.scheduler.load_state_dict(train_state["scheduler"])
+    return Restored(
+        compute=train_state.get("compute", start.compute),
+        step=int(train_state["step"]),
+        skipped_steps=int(train_state.get("skipped_steps", 0)),
+        checkpoint=checkpoint,
+    )
+
+
+def _adopt_run_dir(recipe: Recipe, run_dir: Path, fingerprint: dict[str, Any], allow_change: bool, step: int) -> None:
+    """Only now, with every start-up check passed: the recipe (and the data it trains on) become the run's, and the
+    log forgets the steps after the one the run resumes from."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RECIPE_FILE).write_text(recipe.to_yaml())
+    if allow_change or not (run_dir / DATA_FINGERPRINT_FILE).is_file():
+        write_json(run_dir / DATA_FINGERPRINT_FILE, fingerprint)
+    drop_metrics_after(run_dir / METRICS_FILE, step)
+
+
+def _announce(session: Session, speed: str) -> None:
+    recipe, data, start, accelerator = session.recipe, session.data, session.start, session.accelerator
+    lr = recipe.optimizer.peak_lr(recipe.training.batch_size)
     accelerator.print(
-        f"robustcl: {plan.describe()}; peak lr {lr:g} (optimizer.lr_scaling {recipe.optimizer.lr_scaling}); "
-        f"SyncBN {'on' if sync_bn else 'off'}; data {_feed_description(feed)}"
+        f"robustcl: {data.plan.describe()}; peak lr {lr:g} (optimizer.lr_scaling {recipe.optimizer.lr_scaling}); "
+        f"SyncBN {'on' if session.sync_batchnorm else 'off'}; data {_feed_description(data.feed)}"
         f"{'; ' + speed if speed else ''}"
     )
-    if checkpoint is not None:
-        accelerator.print(f"robustcl: resumed from {checkpoint} (step {step})")
-    compute["hardware"] = list(dict.fromkeys([*compute["hardware"], hardware_description(accelerator)]))
-    compute["dataset_images"] = len(images)
-    return Session(
-        recipe, run_dir, accelerator, method, model, optimizer, scheduler, plan, batches, feed, total_steps, step,
-        compute, sync_bn, skipped, checkpoint, held,
-    )  # fmt: skip
+    if start.checkpoint is not None:
+        accelerator.print(f"robustcl: resumed from {start.checkpoint} (step {start.step})")
 
 
 def _feed_description(feed: ImageFeed) -> str:
@@ -380,9 +472,8 @@ def drop_metrics_after(path: Path, step: int) -> None:
     # A kill mid-write can leave a last line without its end.
     kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
     if kept != lines:
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(kept))
-        os.replace(tmp, path)
+        with atomic_file(path) as tmp:
+            tmp.write_text("".join(kept))
 
 
 def apply_speed_settings(method: Method, t: TrainingConfig, device: torch.device) -> str:
@@ -405,20 +496,16 @@ def apply_speed_settings(method: Method, t: TrainingConfig, device: torch.device
     return " + ".join(done)
 
 
-def _has_frozen(method: Method) -> bool:
-    return any(not p.requires_grad for p in method.parameters())
-
-
 def accumulate_gradients(session: Session, step: int) -> dict[str, torch.Tensor]:
     """Forward and backward of every micro-batch of optimizer step ``step``: afterwards each parameter's
     ``.grad`` holds the step's gradient, averaged over processes (one all-reduce, at the last micro-batch), and
     ``optimizer.step()`` applies it. (Under DeepSpeed the engine keeps the gradients and takes the step itself
     in the last backward.) Returns this process's metrics (detached, averaged over its micro-batches)."""
     s, t = session, session.recipe.training
-    accelerator, plan = s.accelerator, s.plan
+    accelerator, plan = s.accelerator, s.data.plan
     totals: dict[str, torch.Tensor] = {}
     for micro in range(plan.accumulation):
-        batch, indices = s.feed.batch(step, micro)
+        batch, indices = s.data.feed.batch(step, micro)
         random = batch_random(
             t.seed, step, micro, accelerator.device, plan.micro_batch, accelerator.process_index, plan.processes
         )
@@ -448,24 +535,31 @@ def _step_is_finite(session: Session, loss: torch.Tensor) -> bool:
 
 
 def train_step(session: Session, step: int) -> dict[str, torch.Tensor] | None:
-    """Optimizer step ``step`` (0-based): every micro-batch's forward and backward, the update, the schedule.
+    """Optimizer step ``step`` (0-based): the method's ``before_step``, every micro-batch's forward and backward,
+    the update, the schedule, then the method's ``after_step``.
 
-    Returns the step's metrics, or None when its loss or a gradient was NaN/inf: then no update was made and, with
-    ``training.nonfinite: skip``, the BatchNorm statistics are as before the step (a NaN forward would poison
-    them); the schedule still advances, so the learning rate stays a function of the step."""
+    Returns the step's metrics, or None when its loss or a gradient was NaN/inf: then no update was made, the
+    method's ``after_step`` is not called and, with ``training.nonfinite: skip``, the BatchNorm statistics are as
+    before the step (a NaN forward would poison them): a skipped step changes nothing but the schedule, which still
+    advances, so the learning rate stays a function of the step."""
+    method, optimisation = session.method, session.optimisation
     # Only a run that goes on after a NaN step needs the statistics from before it.
     keep = session.recipe.training.nonfinite == "skip"
-    buffers = list(session.method.buffers()) if keep else []
+    buffers = list(method.buffers()) if keep else []
     before = [b.clone() for b in buffers]
+    method.before_step(step)
     metrics = accumulate_gradients(session, step)
     finite = _step_is_finite(session, metrics["loss"])
     if finite:
-        session.optimizer.step()
+        optimisation.optimizer.step()
     elif buffers:
         torch._foreach_copy_(buffers, before)
-    session.scheduler.step()
-    session.optimizer.zero_grad(set_to_none=True)
-    return metrics if finite else None
+    optimisation.scheduler.step()
+    optimisation.optimizer.zero_grad(set_to_none=True)
+    if not finite:
+        return None
+    method.after_step(step)  # under DeepSpeed the engine applied the update in the last backward
+    return metrics
 
 
 def _non_finite_stop(session: Session, step: int, skipped: int, last_checkpoint: Path | None) -> NonFiniteLoss:
@@ -510,152 +604,212 @@ def _last_logged_loss(path: Path) -> float | None:
 
 
 def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True, allow_data_change: bool = False) -> RunSummary:
-    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export, and evaluate when
-    ``eval.after_pretrain``. A run that finished already is left as it is (its summary is returned)."""
+    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export the encoder, evaluate
+    the export when ``eval.after_pretrain`` (its model card then states the figures) and write ``summary.json``. A
+    run that finished already is left as it is (its summary is returned)."""
     try:
         session = open_session(recipe, run_dir, resume, allow_data_change)
     except RunFinished as finished:
         return finished.summary
     try:
-        compute, last_loss = train_loop(session)
-        return finish_run(session, compute, last_loss)
+        summary = train(session)
+        export_encoder(session, summary)
+        if recipe.eval.after_pretrain:
+            summary.evaluation = evaluate_export(session, summary)
+            export_encoder(session, summary)  # again: the model card now states the measured figures
+        write_summary(session, summary)
+        return summary
     finally:
         session.close()
 
 
-def train_loop(session: Session) -> tuple[dict[str, Any], float | None]:
-    """Train from the session's step to its last, logging and checkpointing; returns the compute record of the
-    newest checkpoint (totals over every session of the run) and the last logged loss."""
-    recipe, run_dir, accelerator, t = session.recipe, session.run_dir, session.accelerator, session.recipe.training
-    model, scheduler, batches = session.model, session.scheduler, session.batches
-    total_steps, step, compute = session.total_steps, session.step, session.compute
-    start_trackers(accelerator, recipe, run_dir, step)
-
-    metrics_path = run_dir / METRICS_FILE
-    bar = tqdm(
-        total=total_steps,
-        initial=step,
-        desc="pretrain",
-        unit="step",
-        dynamic_ncols=True,
-        disable=not (accelerator.is_main_process and recipe.logging.progress_bar),
-    )
-    start_step, started = step, time.perf_counter()
-    window_loss: dict[str, torch.Tensor] = {}
-    window_steps, window_finite, window_start = 0, 0, time.perf_counter()
-    last_loss = _last_logged_loss(metrics_path)
-    skipped, checkpoint = session.skipped_steps, session.checkpoint  # the newest good checkpoint, updated below
-    compute_saved = compute  # the newest checkpoint's record, updated below
-    encoder_record = session.method.encoder_record().model_dump(mode="json")
-    model.train()
-    with StopOnSignal() as stop, closing(bar):
-        while step < total_steps:
-            metrics = train_step(session, step)
-            step += 1
-            window_steps += 1
-            if metrics is None:
-                skipped += 1
-                if t.nonfinite == "stop" or skipped > t.max_skipped_steps:
-                    raise _non_finite_stop(session, step, skipped, checkpoint)
-                if accelerator.is_main_process:
-                    print(f"robustcl: warning: NaN/inf loss or gradient at step {step}: skipped", file=sys.stderr)
-            else:
-                for name, value in metrics.items():
-                    window_loss[name] = window_loss.get(name, 0) + value
-                window_finite += 1
-
-            if step % recipe.logging.every_steps == 0 or step == total_steps:
-                # A window of skipped steps alone has no metrics to average: its record carries no loss.
-                reduced = {k: accelerator.reduce(v, "mean").item() / window_finite for k, v in window_loss.items()}
-                elapsed = time.perf_counter() - window_start
-                record = {
-                    "step": step,
-                    "epoch": batches.epoch_of(step - 1),
-                    **reduced,
-                    "lr": scheduler.get_last_lr()[0],
-                    "images_per_s": window_steps * t.batch_size / max(elapsed, 1e-9),
-                    "skipped_steps": skipped,
-                }
-                if recipe.data.bad_images == "skip" and session.feed.placement == "streamed":
-                    replaced = torch.tensor(float(len(session.feed.replaced_rows)), device=accelerator.device)
-                    record["replaced_images"] = int(accelerator.reduce(replaced, "sum").item())
-                last_loss = reduced.get("loss", last_loss)
-                if accelerator.is_main_process:
-                    with metrics_path.open("a") as f:
-                        f.write(to_json(record) + "\n")
-                    bar.set_postfix(
-                        loss="-" if last_loss is None else f"{last_loss:.4f}",
-                        lr=f"{record['lr']:.3g}",
-                        img_s=f"{record['images_per_s']:.0f}",
-                    )
-                accelerator.log(record, step=step)
-                window_loss, window_steps, window_finite, window_start = {}, 0, 0, time.perf_counter()
-            bar.update(1)
-            stopping = _stop_agreed(stop, accelerator, step, recipe.logging.every_steps)
-            every = t.checkpoint_every
-            if (every and step % every == 0) or step == total_steps or stopping:
-                # Totals over every session of the run: the model card reports the compute behind the weights.
-                so_far = {
-                    **compute,
-                    "images_seen": compute["images_seen"] + (step - start_step) * t.batch_size,
-                    "wall_time_s": compute["wall_time_s"] + time.perf_counter() - started,
-                }
-                # Without SyncBN each process keeps its own BN running statistics (DDP broadcasts process 0's);
-                # ZeRO-3 keeps only a partition of each parameter per process.
-                if zero_stage(accelerator) < 3:
-                    check_replicas_identical(session.method, buffers=session.sync_batchnorm)
-                train_state = {
-                    "step": step,
-                    "scheduler": scheduler.state_dict(),
-                    "compute": so_far,
-                    "skipped_steps": skipped,
-                    # The encoder as a standalone artifact: export and evaluation read it without the method.
-                    TRAIN_STATE_KEY: encoder_record,
-                }
-                checkpoint = save_checkpoint(accelerator, model, run_dir, step, t.keep_checkpoints, train_state)
-                compute_saved = so_far
-            if stopping:
-                raise TrainingStopped(
-                    f"stopped by {stop.received or 'a signal to another process'} after step {step} of {total_steps}; "
-                    f"checkpoint {checkpoint} written — run the same command again to resume"
-                )
-    return compute_saved, last_loss
-
-
-def finish_run(session: Session, compute: dict[str, Any], last_loss: float | None) -> RunSummary:
-    """Export the newest checkpoint into ``RUN_DIR/encoder``, evaluate it when ``eval.after_pretrain`` and write
-    ``summary.json``; ``compute`` is the newest checkpoint's record of the whole run."""
-    recipe, run_dir, accelerator = session.recipe, session.run_dir, session.accelerator
-    summary = RunSummary(
-        run_dir=run_dir,
-        encoder_dir=run_dir / ENCODER_DIR,
-        steps=max(session.step, session.total_steps),  # a shortened run ends at the step it had reached
+def train(session: Session) -> RunSummary:
+    """Train from the session's step to the last; the run's summary so far (no evaluation yet)."""
+    compute, last_loss = train_loop(session)
+    return RunSummary(
+        run_dir=session.run_dir,
+        encoder_dir=session.run_dir / ENCODER_DIR,
+        steps=max(session.start.step, session.data.total_steps),  # a shortened run ends at the step it had reached
         images_seen=int(compute["images_seen"]),
         wall_time_s=float(compute["wall_time_s"]),
         final_loss=last_loss,
         evaluation=None,
     )
-    # The card's loading example names the run, not the folder called "encoder".
-    repo_id = recipe.export.repo_id or run_dir.resolve().name
-    if accelerator.is_main_process:
-        export_run(run_dir, summary.encoder_dir, repo_id=repo_id)
-    accelerator.wait_for_everyone()
-    if recipe.eval.after_pretrain:
-        from .evaluation import evaluate, run_dir_output
 
-        # The exported folder is what users get, so that is what gets measured (every process takes a shard).
-        summary.evaluation = evaluate(
-            summary.encoder_dir,
-            recipe=recipe,
-            output=run_dir_output(run_dir, recipe.eval.protocol),
-            accelerator=accelerator,
-            progress=recipe.logging.progress_bar,
-        )
-        if accelerator.is_main_process:
-            export_run(run_dir, summary.encoder_dir, repo_id=repo_id)  # again, now with the measured figures
-        accelerator.wait_for_everyone()
+
+@dataclass
+class MetricsWindow:
+    """The steps since the last logged record: the sums of their metrics (finite steps only), how many steps it
+    holds and how many of them were finite, and when it began."""
+
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    steps: int = 0
+    finite: int = 0
+    started: float = field(default_factory=time.perf_counter)
+
+    def add(self, metrics: dict[str, torch.Tensor] | None) -> None:
+        """A step's metrics (None: a skipped step, which counts for the speed but has none)."""
+        self.steps += 1
+        if metrics is None:
+            return
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0) + value
+        self.finite += 1
+
+    def means(self, accelerator: Accelerator) -> dict[str, float]:
+        """Every metric's mean over the window's finite steps and all processes (none: only skipped steps)."""
+        return {name: accelerator.reduce(v, "mean").item() / self.finite for name, v in self.sums.items()}
+
+    def images_per_s(self, batch_size: int) -> float:
+        return self.steps * batch_size / max(time.perf_counter() - self.started, 1e-9)
+
+
+@dataclass
+class LoopState:
+    """What the loop carries from step to step besides the weights."""
+
+    step: int
+    skipped: int  # steps of the run skipped for a NaN/inf
+    checkpoint: Path | None  # the newest good checkpoint
+    compute: dict[str, Any]  # the newest checkpoint's record of the whole run (the start's until one is written)
+    last_loss: float | None  # the last logged loss
+
+
+def train_loop(session: Session) -> tuple[dict[str, Any], float | None]:
+    """Train from the session's step to its last, logging and checkpointing; returns the compute record of the
+    newest checkpoint (totals over every session of the run) and the last logged loss."""
+    recipe, accelerator, start = session.recipe, session.accelerator, session.start
+    total_steps, every = session.data.total_steps, recipe.logging.every_steps
+    start_trackers(accelerator, recipe, session.run_dir, start.step)
+    bar = _progress_bar(session)
+    started, window = time.perf_counter(), MetricsWindow()
+    last_loss = _last_logged_loss(session.run_dir / METRICS_FILE)
+    state = LoopState(start.step, start.skipped_steps, start.checkpoint, start.compute, last_loss)
+    encoder_record = session.method.encoder_record().model_dump(mode="json")
+    session.model.train()
+    with StopOnSignal() as stop, closing(bar):
+        while state.step < total_steps:
+            metrics = train_step(session, state.step)
+            state.step += 1
+            window.add(metrics)
+            if metrics is None:
+                _skipped(session, state)
+            if state.step % every == 0 or state.step == total_steps:
+                log_window(session, window, state, bar)
+                window = MetricsWindow()
+            bar.update(1)
+            stopping = _stop_agreed(stop, accelerator, state.step, every)
+            checkpoint_every = recipe.training.checkpoint_every
+            if (checkpoint_every and state.step % checkpoint_every == 0) or state.step == total_steps or stopping:
+                save_progress(session, state, started, encoder_record)
+            if stopping:
+                raise TrainingStopped(
+                    f"stopped by {stop.received or 'a signal to another process'} after step {state.step} of "
+                    f"{total_steps}; checkpoint {state.checkpoint} written — run the same command again to resume"
+                )
+    return state.compute, state.last_loss
+
+
+def _progress_bar(session: Session) -> tqdm:
+    return tqdm(
+        total=session.data.total_steps,
+        initial=session.start.step,
+        desc="pretrain",
+        unit="step",
+        dynamic_ncols=True,
+        disable=not (session.accelerator.is_main_process and session.recipe.logging.progress_bar),
+    )
+
+
+def _skipped(session: Session, state: LoopState) -> None:
+    """Count a step skipped for a NaN/inf; stop the run when it may not go on."""
+    t = session.recipe.training
+    state.skipped += 1
+    if t.nonfinite == "stop" or state.skipped > t.max_skipped_steps:
+        raise _non_finite_stop(session, state.step, state.skipped, state.checkpoint)
+    if session.accelerator.is_main_process:
+        print(f"robustcl: warning: NaN/inf loss or gradient at step {state.step}: skipped", file=sys.stderr)
+
+
+def log_window(session: Session, window: MetricsWindow, state: LoopState, bar: tqdm) -> None:
+    """The window's record: appended to ``metrics.jsonl``, shown on the progress bar and sent to the trackers."""
+    recipe, accelerator, feed = session.recipe, session.accelerator, session.data.feed
+    # A window of skipped steps alone has no metrics to average: its record carries no loss.
+    means = window.means(accelerator)
+    record = {
+        "step": state.step,
+        "epoch": session.data.batches.epoch_of(state.step - 1),
+        **means,
+        "lr": session.optimisation.scheduler.get_last_lr()[0],
+        "images_per_s": window.images_per_s(recipe.training.batch_size),
+        "skipped_steps": state.skipped,
+    }
+    if recipe.data.bad_images == "skip" and feed.placement == "streamed":
+        replaced = torch.tensor(float(len(feed.replaced_rows)), device=accelerator.device)
+        record["replaced_images"] = int(accelerator.reduce(replaced, "sum").item())
+    state.last_loss = means.get("loss", state.last_loss)
     if accelerator.is_main_process:
-        write_json(run_dir / SUMMARY_FILE, summary.to_dict())
+        with (session.run_dir / METRICS_FILE).open("a") as f:
+            f.write(to_json(record) + "\n")
+        loss = "-" if state.last_loss is None else f"{state.last_loss:.4f}"
+        bar.set_postfix(loss=loss, lr=f"{record['lr']:.3g}", img_s=f"{record['images_per_s']:.0f}")
+    accelerator.log(record, step=state.step)
+
+
+def save_progress(session: Session, state: LoopState, started: float, encoder_record: dict[str, Any]) -> None:
+    """A checkpoint of ``state.step`` with the run's totals so far; it becomes the newest good one."""
+    t, start, accelerator = session.recipe.training, session.start, session.accelerator
+    # Totals over every session of the run: the model card reports the compute behind the weights.
+    so_far = {
+        **start.compute,
+        "images_seen": start.compute["images_seen"] + (state.step - start.step) * t.batch_size,
+        "wall_time_s": start.compute["wall_time_s"] + time.perf_counter() - started,
+    }
+    # Without SyncBN each process keeps its own BN running statistics (DDP broadcasts process 0's); ZeRO-3 keeps
+    # only a partition of each parameter per process.
+    if zero_stage(accelerator) < 3:
+        check_replicas_identical(session.method, buffers=session.sync_batchnorm)
+    train_state = {
+        "step": state.step,
+        "scheduler": session.optimisation.scheduler.state_dict(),
+        "compute": so_far,
+        "skipped_steps": state.skipped,
+        # The encoder as a standalone artifact: export and evaluation read it without the method.
+        TRAIN_STATE_KEY: encoder_record,
+    }
+    run_dir, step = session.run_dir, state.step
+    state.checkpoint = save_checkpoint(accelerator, session.model, run_dir, step, t.keep_checkpoints, train_state)
+    state.compute = so_far
+
+
+def export_encoder(session: Session, summary: RunSummary) -> None:
+    """The newest checkpoint exported into ``RUN_DIR/encoder`` with its model card (by the main process)."""
+    # The card's loading example names the run, not the folder called "encoder".
+    repo_id = session.recipe.export.repo_id or session.run_dir.resolve().name
+    if session.accelerator.is_main_process:
+        export_run(session.run_dir, summary.encoder_dir, repo_id=repo_id)
+    session.accelerator.wait_for_everyone()
+
+
+def evaluate_export(session: Session, summary: RunSummary) -> Any:
+    """The export evaluated as the recipe's eval section says (every process takes a shard); the report."""
+    from .evaluation import evaluate, run_dir_output
+
+    recipe = session.recipe
+    # The exported folder is what users get, so that is what gets measured.
+    return evaluate(
+        summary.encoder_dir,
+        recipe=recipe,
+        output=run_dir_output(session.run_dir, recipe.eval.protocol),
+        accelerator=session.accelerator,
+        progress=recipe.logging.progress_bar,
+    )
+
+
+def write_summary(session: Session, summary: RunSummary) -> None:
+    """``summary.json``, then the end of the session's collectives."""
+    accelerator = session.accelerator
+    if accelerator.is_main_process:
+        write_json(session.run_dir / SUMMARY_FILE, summary.to_dict())
     accelerator.wait_for_everyone()
     accelerator.end_training()  # also tears down the process group: nothing collective after this
-    return summary

@@ -29,7 +29,7 @@ def test_pgd_increases_the_loss_and_respects_eps_and_pixel_range():
     def loss_fn(z):
         return F.cross_entropy(model(z), y)
 
-    x_adv = pgd_attack(loss_fn, x, epsilon=eps, step_size=2 / 255, steps=10, generator=g)
+    x_adv = pgd_attack(loss_fn, x, epsilon=eps, step_size=2 / 255, steps=10, random=g)
     with torch.no_grad():
         noise = (x + eps * torch.sign(torch.randn(x.shape, generator=g))).clamp(0, 1)
         gain_adv, gain_noise = loss_fn(x_adv) - loss_fn(x), (loss_fn(noise) - loss_fn(x)).abs()
@@ -51,7 +51,7 @@ def test_pgd_leaves_parameter_grads_untouched_and_is_seeded():
             epsilon=0.03,
             step_size=0.01,
             steps=3,
-            generator=torch.Generator().manual_seed(seed),
+            random=torch.Generator().manual_seed(seed),
         )
 
     a, b, c = run(1), run(1), run(2)
@@ -142,7 +142,7 @@ def test_pgd_matches_textbook_reference(loss, source, clamp_start):
         noise = random().rand(tuple(x.shape))
 
     ours = pgd_attack(
-        make_loss(model), x, epsilon=eps, step_size=alpha, steps=steps, generator=random(), clamp_start=clamp_start
+        make_loss(model), x, epsilon=eps, step_size=alpha, steps=steps, random=random(), clamp_start=clamp_start
     )
     want = _reference_pgd(make_loss(reference_model), x, noise, eps, alpha, steps, clamp_start)
 

@@ -54,7 +54,7 @@ def test_views_and_attack_starts_of_a_split_batch_equal_the_whole_batch():
 
     def run(x: torch.Tensor, random: BatchRandom) -> list[torch.Tensor]:
         views = torch.cat([simclr(x, random), simclr(x, random)])
-        start = pgd_attack(lambda v: v.sum(), views, epsilon=0.1, step_size=0.0, steps=0, generator=random)
+        start = pgd_attack(lambda v: v.sum(), views, epsilon=0.1, step_size=0.0, steps=0, random=random)
         return [views, start, weak(x, random)]
 
     (whole,) = _shares(1, 8)

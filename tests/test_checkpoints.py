@@ -17,7 +17,8 @@ from helpers import REPO
 
 from robustcl.errors import StorageError, UserError
 from robustcl.recipe import load_recipe
-from robustcl.run_dir import COMPLETE_MARKER, checkpoint_problem, complete_checkpoints, latest_checkpoint
+from robustcl.run_dir import checkpoint_problem, complete_checkpoints, latest_checkpoint
+from robustcl.run_layout import COMPLETE_MARKER
 from robustcl.train import pretrain
 
 SMALL = [

@@ -127,18 +127,18 @@ def test_figures_are_the_accuracy_on_each_corruption_and_severity(corrupted, dig
     opened = open_corruptions(recipe, DIGITS_TRAIN)
     report = measure_corruptions(digits_classifier, opened, recipe, Accelerator(cpu=True), progress=False)
     expected = _direct_accuracy(digits_classifier, corrupted)
-    assert _flat(report["accuracy"]) == pytest.approx(_flat(expected), abs=1e-12)
-    assert set(report["accuracy"]) == set(CORRUPTIONS)
-    assert report["images"] == len(CORRUPTIONS) * 5 * IMAGES
-    assert all(n == IMAGES for cells in report["images_per_cell"].values() for n in cells.values())
+    assert _flat(report.accuracy) == pytest.approx(_flat(expected), abs=1e-12)
+    assert set(report.accuracy) == set(CORRUPTIONS)
+    assert report.images == len(CORRUPTIONS) * 5 * IMAGES
+    assert all(n == IMAGES for cells in report.images_per_cell.values() for n in cells.values())
     # The benchmark's figures: per severity the mean over corruptions, and the mean of those five.
     for s in "12345":
-        assert report["severity_mean"][s] == pytest.approx(np.mean([expected[c][s] for c in CORRUPTIONS]))
-    assert report["mean"] == pytest.approx(np.mean(list(report["severity_mean"].values())))
+        assert report.severity_mean[s] == pytest.approx(np.mean([expected[c][s] for c in CORRUPTIONS]))
+    assert report.mean == pytest.approx(np.mean(list(report.severity_mean.values())))
     for c in CORRUPTIONS:
-        assert report["corruption_mean"][c] == pytest.approx(np.mean(list(expected[c].values())))
+        assert report.corruption_mean[c] == pytest.approx(np.mean(list(expected[c].values())))
     # The corruptions bite: the strongest noise costs accuracy against the mildest.
-    assert report["accuracy"]["gaussian_noise"]["5"] < report["accuracy"]["gaussian_noise"]["1"]
+    assert report.accuracy["gaussian_noise"]["5"] < report.accuracy["gaussian_noise"]["1"]
 
 
 def test_a_chosen_list_of_corruptions_keeps_only_those(corrupted, digits_classifier):
@@ -147,9 +147,9 @@ def test_a_chosen_list_of_corruptions_keeps_only_those(corrupted, digits_classif
     recipe = _recipe(corrupted, corruptions=["brightness"])
     opened = open_corruptions(recipe, DIGITS_TRAIN)
     report = measure_corruptions(digits_classifier, opened, recipe, Accelerator(cpu=True), progress=False)
-    assert list(report["accuracy"]) == ["brightness"] and report["images"] == 5 * IMAGES
+    assert list(report.accuracy) == ["brightness"] and report.images == 5 * IMAGES
     expected = _direct_accuracy(digits_classifier, corrupted)["brightness"]
-    assert report["accuracy"]["brightness"] == pytest.approx(expected, abs=1e-12)
+    assert report.accuracy["brightness"] == pytest.approx(expected, abs=1e-12)
 
 
 def test_no_corrupted_set_means_no_measurement(digits_classifier):

@@ -83,14 +83,14 @@ def _deepspeed_accelerator(stage: int) -> SimpleNamespace:
 def test_the_recipe_fills_the_deepspeed_batch_keys_and_zero_refuses_lars():
     recipe = load_recipe(REPO / "recipes" / "acl.yaml", ["optimizer.name=sgd"])
     accelerator = _deepspeed_accelerator(2)
-    configure_deepspeed(accelerator, recipe, micro_batch=64, accumulation=2, momentum_copy=False)
+    configure_deepspeed(accelerator, recipe, micro_batch=64, accumulation=2, frozen=[])
     config = accelerator.state.deepspeed_plugin.deepspeed_config
     assert (config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"]) == (64, 2)
     assert config["train_batch_size"] == recipe.training.batch_size
     assert config["gradient_clipping"] == 0.0  # not Accelerate's silent 1.0
     with pytest.raises(UserError, match="LARS cannot run under DeepSpeed ZeRO stage 1") as err:
-        configure_deepspeed(_deepspeed_accelerator(1), load_recipe(REPO / "recipes" / "acl.yaml"), 64, 1, False)
+        configure_deepspeed(_deepspeed_accelerator(1), load_recipe(REPO / "recipes" / "acl.yaml"), 64, 1, [])
     assert "optimizer.name=sgd" in str(err.value)
-    configure_deepspeed(_deepspeed_accelerator(0), load_recipe(REPO / "recipes" / "acl.yaml"), 64, 1, False)
+    configure_deepspeed(_deepspeed_accelerator(0), load_recipe(REPO / "recipes" / "acl.yaml"), 64, 1, [])
     with pytest.raises(UserError, match="ZeRO stage 3"):
-        configure_deepspeed(_deepspeed_accelerator(3), recipe, 64, 1, momentum_copy=True)
+        configure_deepspeed(_deepspeed_accelerator(3), recipe, 64, 1, frozen=["momentum_encoder"])

@@ -208,10 +208,10 @@ def _attacked_steps_worker(out: Path, runs: Path, cases: dict[str, list[str]]) -
     adversarial: list[torch.Tensor] = []
     plain_attack = Method.attack
 
-    def recorded_attack(self, loss_fn, x, generator, *args, **kwargs):
-        x_adv = plain_attack(self, loss_fn, x, generator, *args, **kwargs)
+    def recorded_attack(self, loss_fn, x, random, *args, **kwargs):
+        x_adv = plain_attack(self, loss_fn, x, random, *args, **kwargs)
         # Stacked views [view 1; view 2; …] of this process's rows: each view's rows gathered in rank order.
-        views = x_adv.unflatten(0, (-1, generator.local)).transpose(0, 1).contiguous()
+        views = x_adv.unflatten(0, (-1, random.local)).transpose(0, 1).contiguous()
         adversarial.append(gather_with_grad(views).transpose(0, 1).flatten(0, 1))
         return x_adv
 

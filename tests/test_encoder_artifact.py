@@ -21,7 +21,8 @@ from safetensors.torch import load_file
 
 from robustcl.method_registry import build_method
 from robustcl.methods.base import Method
-from robustcl.run_dir import COMPLETE_MARKER, TRAIN_STATE, latest_checkpoint, read_run_recipe
+from robustcl.run_dir import latest_checkpoint, read_run_recipe
+from robustcl.run_layout import COMPLETE_MARKER, TRAIN_STATE
 
 PACKAGE = REPO / "robustcl"
 # What the acceptance names: evaluation, export, model cards and publishing.
@@ -170,7 +171,7 @@ def test_the_encoder_read_from_a_run_is_the_methods_downstream_encoder_bit_for_b
     assert run.encoder.config.bn_branches == ["normal", "pgd"]
 
     model, branch = run.single_branch(None)
-    assert branch == method.export_branch == "pgd"
+    assert branch == method.encoder_record().export_branch == "pgd"
     reference = single_branch_encoder(method.downstream_encoder, "pgd").state_dict()
     assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
     x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(0))

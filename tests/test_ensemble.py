@@ -29,17 +29,56 @@ SETS = [
 
 
 def _report(protocol: str, sa: float, ra: float, aa: float | None, mean_c: float | None, sha: str = "ab" * 32):
-    return {
-        "protocol": protocol,
-        "encoder_sha256": sha,
-        "dataset": {"source": "builtin:digits", "path": "builtin:digits", "name": None, "test_split": "test"},
-        "epsilon": 8 / 255,
-        "SA": sa,
-        "RA": ra,
-        "AA": aa,
-        "corruptions": None if mean_c is None else {"mean": mean_c},
-        "output": f"/x/eval/{protocol}/eval.json",
+    from robustcl.eval_report import EvalReport
+
+    pgd = {"loss": "ce", "epsilon": 8 / 255, "step_size": 2 / 255, "steps": 20, "random_start": True}
+    corruptions = {
+        "source": "c",
+        "columns": {},
+        "images": 1,
+        "accuracy": {},
+        "images_per_cell": {},
+        "severity_mean": {},
+        "corruption_mean": {},
+        "mean": mean_c,
+        "reference": "r",
     }
+    return EvalReport.model_validate(
+        {
+            "model": "m",
+            "model_kind": "export_dir",
+            "bn_branch": None,
+            "protocol": protocol,
+            "encoder_sha256": sha,
+            "dataset": {
+                "source": "builtin:digits",
+                "path": "builtin:digits",
+                "name": None,
+                "train_split": "train",
+                "test_split": "test",
+                "resolution": 8,
+                "num_classes": 10,
+                "class_names": None,
+            },
+            "split_sizes": {"train": 100, "val": 0, "test": 40, "attacked": 40},
+            "epsilon": 8 / 255,
+            "SA": sa,
+            "SA_attacked_subset": sa,
+            "RA": ra,
+            "AA": aa,
+            "attack": {"pgd": pgd, "autoattack": None},
+            "curve": [],
+            "finetune": {"epochs": 1, "select_by": "final", "selected_epoch": 1, "val_accuracy": None, "history": []},
+            "seed": 0,
+            "num_processes": 1,
+            "device": "cpu",
+            "versions": {},
+            "wall_time_s": 1.0,
+            "output": f"/x/eval/{protocol}/eval.json",
+            "curve_png": None,
+            "corruptions": None if mean_c is None else corruptions,
+        }
+    )
 
 
 def test_ensemble_is_the_mean_of_each_metric_over_the_three_protocols():
@@ -51,15 +90,15 @@ def test_ensemble_is_the_mean_of_each_metric_over_the_three_protocols():
         _report("aff", 0.9, 0.5, 0.45, 0.8),
     ]
     figures = ensemble(reports)
-    assert figures["SA"] == pytest.approx((0.8 + 0.7 + 0.9) / 3)
-    assert figures["RA"] == pytest.approx((0.3 + 0.4 + 0.5) / 3)
-    assert figures["AA"] == pytest.approx((0.2 + 0.35 + 0.45) / 3)
-    assert figures["corruptions_mean"] == pytest.approx((0.7 + 0.6 + 0.8) / 3)
-    assert figures["encoder_sha256"] == "ab" * 32 and figures["protocols"] == ["slf", "alf", "aff"]
+    assert figures.SA == pytest.approx((0.8 + 0.7 + 0.9) / 3)
+    assert figures.RA == pytest.approx((0.3 + 0.4 + 0.5) / 3)
+    assert figures.AA == pytest.approx((0.2 + 0.35 + 0.45) / 3)
+    assert figures.corruptions_mean == pytest.approx((0.7 + 0.6 + 0.8) / 3)
+    assert figures.encoder_sha256 == "ab" * 32 and figures.protocols == ["slf", "alf", "aff"]
     # Any order in, the same figures out; a metric one protocol lacks has no mean.
-    assert ensemble(list(reversed(reports)))["SA"] == pytest.approx(figures["SA"])
-    reports[1]["AA"] = None
-    assert ensemble(reports)["AA"] is None
+    assert ensemble(list(reversed(reports))).SA == pytest.approx(figures.SA)
+    reports[1].AA = None
+    assert ensemble(reports).AA is None
 
 
 def test_ensemble_refuses_reports_of_different_encoders_or_settings():
@@ -71,11 +110,11 @@ def test_ensemble_refuses_reports_of_different_encoders_or_settings():
         _report("aff", 0.9, 0.5, 0.4, None),
     ]
     other = copy.deepcopy(reports)
-    other[2]["encoder_sha256"] = "cd" * 32
+    other[2].encoder_sha256 = "cd" * 32
     message = user_error(ensemble, other)
     assert "different encoders" in message and "aff" in message
     other = copy.deepcopy(reports)
-    other[1]["preset"] = "cifar10-fast"
+    other[1].preset = "cifar10-fast"
     assert "preset" in user_error(ensemble, other)
     assert "one each of slf, alf, aff" in user_error(ensemble, reports[:2])
     assert "one each of slf, alf, aff" in user_error(ensemble, [reports[0], reports[0], reports[2]])
@@ -114,11 +153,12 @@ def test_protocol_all_needs_a_folder_as_output(tmp_path, tiny_export, capsys, mo
 
 
 def test_model_card_shows_the_ensemble_row_when_the_three_reports_ship(all_protocols, tiny_export):
+    from robustcl.eval_report import read_report
     from robustcl.model_card import CardFacts, render_model_card
     from robustcl.models import RobustCLResNetModel
 
     out = all_protocols
-    reports = [json.loads((out / p / "eval.json").read_text()) for p in ("slf", "alf", "aff")]
+    reports = [read_report(out / p / "eval.json") for p in ("slf", "alf", "aff")]
     model = RobustCLResNetModel.from_pretrained(tiny_export)
     figures = json.loads((out / "ensemble.json").read_text())
 

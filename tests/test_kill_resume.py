@@ -18,7 +18,8 @@ from helpers import TINY, robustcl, start_robustcl, with_sets
 from safetensors.torch import load_file
 
 from robustcl.preemption import EXIT_STOPPED
-from robustcl.run_dir import CHECKPOINTS, TRAIN_STATE, latest_checkpoint
+from robustcl.run_dir import latest_checkpoint
+from robustcl.run_layout import CHECKPOINTS, TRAIN_STATE
 
 pytestmark = pytest.mark.slow
 

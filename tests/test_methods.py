@@ -14,10 +14,10 @@ from robustcl.errors import UserError
 from robustcl.fingerprint import images_fingerprint
 from robustcl.losses import multi_positive_nt_xent, nt_xent
 from robustcl.method_registry import METHODS, build_method, method_class
-from robustcl.methods.base import TrainingRun
 from robustcl.models import RobustCLResNetModel
 from robustcl.pseudo_labels import PseudoLabels, save_pseudo_labels
 from robustcl.recipe import load_recipe
+from robustcl.setup_context import SetupContext
 
 SMALL = ["model.widths=[8,16,32,64]", "model.block_layers=[1,1,1,1]", "data.resolution=16"]
 NO_ATTACK = ["attack.steps=0", "attack.epsilon=0"]
@@ -32,7 +32,7 @@ def _images(n=8, seed=0):
 
 
 def _run(tmp_path, images, steps_per_epoch=1, total_steps=1):
-    return TrainingRun(tmp_path, DecodedImages(images), steps_per_epoch, total_steps)
+    return SetupContext(tmp_path, DecodedImages(images), steps_per_epoch, total_steps)
 
 
 def test_registry_names_every_method_with_its_paper():
@@ -248,7 +248,7 @@ def _reference_weight(epoch1, total, every, slope=2 / 3):
 
 def test_dynacl_schedules_follow_the_authors_code():
     method = build_method(_recipe("dynacl"))
-    method.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))  # 1000 epochs
+    method.setup(SetupContext(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))  # 1000 epochs
     for epoch in [0, 1, 48, 49, 50, 51, 99, 100, 500, 949, 950, 999]:
         for step in (epoch * 10, epoch * 10 + 9):
             assert math.isclose(method.strength(step), _reference_strength(epoch + 1, 1000, 50)), epoch
@@ -259,31 +259,32 @@ def test_dynacl_schedules_follow_the_authors_code():
 def test_dynacl_momentum_encoder_is_an_ema_of_the_online_one_and_not_trained():
     torch.manual_seed(0)
     method = build_method(_recipe("dynacl", *NO_ATTACK)).train()
-    method.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=100))
+    method.setup(SetupContext(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=100))
     with torch.no_grad():
         for p in method.encoder.parameters():
             p.add_(torch.randn_like(p))
     online = [p.detach().clone() for p in method.encoder.parameters()]
     ema = [p.detach().clone() for p in method.momentum_encoder.parameters()]
+    method.before_step(0)
     loss, _ = method(_images(), torch.Generator().manual_seed(1), torch.arange(8), 0)
-    for q_before, p, q in zip(ema, online, method.momentum_encoder.parameters()):
-        torch.testing.assert_close(q, 0.99 * q_before + 0.01 * p)
     loss.backward()
     assert all(p.grad is None for p in method.momentum_encoder.parameters())
-    # A second micro-batch of the same optimizer step does not move it again.
-    before = [p.clone() for p in method.momentum_encoder.parameters()]
+    # A second micro-batch of the same optimizer step does not move it: only the step's end does.
     method(_images(), torch.Generator().manual_seed(2), torch.arange(8), 0)
-    assert all(torch.equal(a, b) for a, b in zip(before, method.momentum_encoder.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema, method.momentum_encoder.parameters()))
+    method.after_step(0)
+    for q_before, p, q in zip(ema, online, method.momentum_encoder.parameters()):
+        torch.testing.assert_close(q, 0.99 * q_before + 0.01 * p)
 
 
 def test_dynacl_without_momentum_starts_as_acl_ds():
     torch.manual_seed(0)
     dyn = build_method(_recipe("dynacl", "method.dynacl.momentum=null", "attack.steps=2")).train()
-    dyn.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
+    dyn.setup(SetupContext(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
     # The same crop resampling: DynACL's recipe crops bilinearly (the authors' code), ACL's bicubically.
     acl_sets = [*SMALL, "attack.steps=2", "augment.interpolation=bilinear"]
     acl = build_method(load_recipe("recipes/acl.yaml", acl_sets)).train()
-    acl.setup(TrainingRun(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
+    acl.setup(SetupContext(None, DecodedImages(_images()), steps_per_epoch=10, total_steps=10_000))
     acl.load_state_dict(dyn.state_dict())
     images = _images()
     loss_dyn, _ = dyn(images, torch.Generator().manual_seed(1), torch.arange(8), 0)  # strength 1, weight 1

@@ -26,7 +26,7 @@ def _encoder_features_from_checkpoint(run_dir, x):
     method.load_state_dict(load_file(latest_checkpoint(run_dir) / "model.safetensors"))
     method.eval()
     with torch.no_grad():
-        return method.encoder(x, bn_branch=method.export_branch).pooler_output
+        return method.encoder(x, bn_branch=method.encoder_record().export_branch).pooler_output
 
 
 def test_quickstart_trains_reports_accuracy_and_exports_a_loadable_encoder(tmp_path):

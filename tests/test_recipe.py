@@ -89,13 +89,15 @@ def test_resolved_yaml_round_trips_and_differences_ignore_training_length(tmp_pa
     assert recipe_differences(r, other) == ["optimizer.lr", "training.seed"]
 
 
-
 def test_a_run_resumes_with_other_logging_settings():
     # A tracker added to a running run, one that failed to start left out, or a run recorded with the old default
     # (trackers: [tensorboard]) resumed under the new one ([]): none changes what a step computes.
     r = load_recipe(RECIPES / "acl.yaml", ["logging.trackers=[tensorboard]"])
-    other = load_recipe(RECIPES / "acl.yaml", ["logging.trackers=[wandb]", "logging.project=p", "logging.every_steps=7"])
+    other = load_recipe(
+        RECIPES / "acl.yaml", ["logging.trackers=[wandb]", "logging.project=p", "logging.every_steps=7"]
+    )
     assert recipe_differences(r, other) == []
+
 
 def test_method_recipes_carry_the_papers_settings_and_quirks():
     advcl = load_recipe(RECIPES / "advcl.yaml")

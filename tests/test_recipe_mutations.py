@@ -484,7 +484,7 @@ def test_mutations_near_the_valid_domain_train_or_fail_cleanly(
                 event("UserError when the session opens")
                 return
             try:
-                step = 0 if which == "first" else session.total_steps - 1
+                step = 0 if which == "first" else session.data.total_steps - 1
                 metrics = train_step(session, step)
             finally:
                 session.close()

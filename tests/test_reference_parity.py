@@ -113,15 +113,18 @@ class Step:
             if prepare is not None:
                 prepare(self.method)
             self.before = {k: v.detach().clone() for k, v in self.method.state_dict().items()}
-            self.images, self.indices = self.session.feed.batch(step, 0)
+            self.images, self.indices = self.session.data.feed.batch(step, 0)
             self.session.model.train()
+            # train_step without its update: the method's hooks around the passes (DynACL's moving average).
+            self.method.before_step(step)
             self.metrics = accumulate_gradients(self.session, step)
+            self.method.after_step(step)
         finally:
             self.session.close()
             _reset_accelerate()
         t = self.recipe.training
         # What accumulate_gradients hands the method: (seed, step, micro 0), this process's rows of the batch.
-        self.random = batch_random(t.seed, step, 0, CPU, self.session.plan.micro_batch, 0, 1)
+        self.random = batch_random(t.seed, step, 0, CPU, self.session.data.plan.micro_batch, 0, 1)
 
     def noise(self, like: torch.Tensor) -> torch.Tensor:
         """The next uniform [0, 1) draw of the step, shaped like ``like`` (a PGD start)."""
@@ -635,7 +638,7 @@ def _dynacl_reference(step: Step) -> tuple[torch.Tensor, RefDynACLNet, list]:
     net.train()
     features_adv, features = net(adv, "pgd"), net(inputs, "normal")
     net.momentum_update()
-    epoch = step.step // step.session.batches.steps_per_epoch + 1
+    epoch = step.step // step.session.data.batches.steps_per_epoch + 1
     weight = min(1.0 + (epoch // DYNACL_RELOAD) * (DYNACL_RELOAD / DYNACL_EPOCHS) * DYNACL_SWAP, 2)
     loss = (_acl_nt_xent(features) * (2 - weight) + _acl_nt_xent(features_adv) * weight) / 2
     loss.backward()
@@ -669,7 +672,7 @@ def test_dynacl_step_equals_the_authors_momentum_step_at_a_later_epoch(tmp_path,
     ours = {_reference_name(k, table, ["normal", "pgd"]): v for k, v in after.items()}
     for name, value in net.encoder_k.named_parameters():  # the moving average taken inside the step
         assert _relative(ours[f"encoder_k.{name}"], value) <= TOLERANCE, f"momentum encoder {name} after the step"
-    epoch = DYNACL_STEP // step.session.batches.steps_per_epoch + 1
+    epoch = DYNACL_STEP // step.session.data.batches.steps_per_epoch + 1
     reload_epoch = (epoch - 1) // DYNACL_RELOAD * DYNACL_RELOAD + 1  # the epoch whose reload made the views
     assert math.isclose(float(step.metrics["strength"]), 1 - (reload_epoch - 1) / DYNACL_EPOCHS, rel_tol=1e-6)
 

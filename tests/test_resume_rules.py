@@ -13,7 +13,7 @@ import PIL.Image
 from helpers import TINY, with_sets
 
 from robustcl.json_files import to_json
-from robustcl.train import DATA_FINGERPRINT_FILE
+from robustcl.run_layout import DATA_FINGERPRINT_FILE
 
 QUICK = "recipes/quickstart.yaml"
 SETS = [*TINY, "eval.after_pretrain=false", "logging.progress_bar=false", "logging.trackers=[]"]

@@ -19,7 +19,7 @@ from robustcl.data.images import DecodedImages
 from robustcl.data.placement import DeviceImages, HostImages, choose_placement, image_feed
 from robustcl.method_registry import build_method
 from robustcl.recipe import TrainingConfig, load_recipe
-from robustcl.step_profile import count_flops, record_model_passes, replay_passes
+from robustcl.step_profile import count_flops, record_model_passes, replay_passes, step_networks
 from robustcl.train import apply_speed_settings, open_session, train_step
 
 CPU = torch.device("cpu")
@@ -73,7 +73,7 @@ def test_replayed_model_passes_carry_the_steps_model_flops(tmp_path: Path, name:
     session = open_session(_recipe(f"method.name={name}"), tmp_path / "run", resume=False)
     session.model.train()
     train_step(session, 0)
-    networks = session.method.networks()
+    networks = step_networks(session.method)
     with record_model_passes(networks, CPU) as calls:
         step_flops = count_flops(lambda: train_step(session, 1))
     passes = [c.freeze() for c in calls]

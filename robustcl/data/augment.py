@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from pydantic.dataclasses import dataclass
 from torch import Tensor
 
 from robustcl.data.batches import RandomSource, integers
@@ -43,6 +43,16 @@ from robustcl.data.color import (
     _sample_jitter,
     rgb_to_grayscale,
     solarize,
+)
+from robustcl.recipe import (
+    BlurSigma,
+    CropRatio,
+    CropScale,
+    Interpolation,
+    Jitter,
+    NonNegativeInt,
+    PositiveInt,
+    Probability,
 )
 
 __all__ = [
@@ -58,7 +68,6 @@ __all__ = [
     "sample_resized_crop_boxes",
 ]
 
-INTERPOLATIONS = ("bicubic", "bilinear")
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 
 
@@ -68,69 +77,29 @@ _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 
 @dataclass(frozen=True)
 class SimCLRAugmentParams:
-    """Plain-value parameters of :class:`SimCLRAugment` (recipes map onto these fields one to one)."""
+    """Plain-value parameters of :class:`SimCLRAugment` (recipes map onto these fields one to one), checked by the
+    same rules as the recipe's augment section (a ValueError names the field)."""
 
-    size: int
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    interpolation: str = "bicubic"  # "bicubic" | "bilinear"
-    flip_p: float = 0.5
-    jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
-    jitter_p: float = 0.8
-    grayscale_p: float = 0.2
-    blur_p: float = 0.0  # solo-learn's RandomApply([GaussianBlur()], p), after grayscale
-    blur_sigma: tuple[float, float] = (0.1, 2.0)  # its σ ~ U(low, high), PIL's GaussianBlur radius
-    solarize_p: float = 0.0  # solo-learn's RandomApply([Solarization()], p), after the blur
-
-    def __post_init__(self) -> None:
-        # recipes arrive as YAML lists; store tuples so the frozen object stays hashable
-        object.__setattr__(self, "crop_scale", tuple(float(v) for v in self.crop_scale))
-        object.__setattr__(self, "crop_ratio", tuple(float(v) for v in self.crop_ratio))
-        object.__setattr__(self, "jitter", tuple(float(v) for v in self.jitter))
-        object.__setattr__(self, "blur_sigma", tuple(float(v) for v in self.blur_sigma))
-        _check_positive_int(self.size, "size")
-        _check_range(self.crop_scale, "crop_scale")
-        _check_range(self.crop_ratio, "crop_ratio")
-        if self.interpolation not in INTERPOLATIONS:
-            raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {self.interpolation!r}")
-        if len(self.jitter) != 4:
-            raise ValueError(f"jitter must be (brightness, contrast, saturation, hue), got {self.jitter}")
-        if min(self.jitter) < 0 or self.jitter[3] > 0.5:
-            raise ValueError(f"jitter strengths must be >= 0 and hue <= 0.5, got {self.jitter}")
-        if len(self.blur_sigma) != 2 or not 0 <= self.blur_sigma[0] <= self.blur_sigma[1]:
-            raise ValueError(f"blur_sigma must be (low, high) with 0 <= low <= high, got {self.blur_sigma}")
-        for name in ("flip_p", "jitter_p", "grayscale_p", "blur_p", "solarize_p"):
-            _check_probability(getattr(self, name), name)
+    size: PositiveInt
+    crop_scale: CropScale = (0.08, 1.0)
+    crop_ratio: CropRatio = (3 / 4, 4 / 3)
+    interpolation: Interpolation = "bicubic"
+    flip_p: Probability = 0.5
+    jitter: Jitter = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue
+    jitter_p: Probability = 0.8
+    grayscale_p: Probability = 0.2
+    blur_p: Probability = 0.0  # solo-learn's RandomApply([GaussianBlur()], p), after grayscale
+    blur_sigma: BlurSigma = (0.1, 2.0)  # its σ ~ U(low, high), PIL's GaussianBlur radius
+    solarize_p: Probability = 0.0  # solo-learn's RandomApply([Solarization()], p), after the blur
 
 
 @dataclass(frozen=True)
 class WeakAugmentParams:
     """Parameters of :class:`WeakAugment`: zero-padded random crop plus horizontal flip."""
 
-    size: int
-    padding: int = 4
-    flip_p: float = 0.5
-
-    def __post_init__(self) -> None:
-        _check_positive_int(self.size, "size")
-        if int(self.padding) != self.padding or self.padding < 0:
-            raise ValueError(f"padding must be a non-negative integer, got {self.padding!r}")
-        _check_probability(self.flip_p, "flip_p")
-
-
-def _check_positive_int(value: int, name: str) -> None:
-    if int(value) != value or value <= 0:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_range(values: tuple[float, ...], name: str) -> None:
-    if len(values) != 2 or not 0 < values[0] <= values[1]:
-        raise ValueError(f"{name} must be (low, high) with 0 < low <= high, got {values}")
-
-
-def _check_probability(p: float, name: str) -> None:
-    if not 0.0 <= p <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {p}")
+    size: PositiveInt
+    padding: NonNegativeInt = 4
+    flip_p: Probability = 0.5
 
 
 # --------------------------------------------------------------------------------------------------
@@ -173,6 +142,7 @@ def sample_resized_crop_boxes(
     Each sample gets up to 10 attempts (area fraction uniform in ``scale``, log aspect ratio uniform in
     ``log(ratio)``); the first attempt that fits inside the image wins, its position is uniform over the
     valid offsets.  Samples with no fitting attempt fall back to a centre crop clamped to the ratio range.
+    ``scale`` and ``ratio`` are ranges as :class:`SimCLRAugmentParams` checks them.
 
     Draws, in order: ``[n,10]`` area fractions, ``[n,10]`` log-ratios, ``[n]`` top, ``[n]`` left.
 
@@ -181,8 +151,6 @@ def sample_resized_crop_boxes(
     """
     device = torch.device(device)
     _check_generator(generator, device)
-    _check_range(tuple(scale), "scale")
-    _check_range(tuple(ratio), "ratio")
     u_area = _rand((n, _CROP_ATTEMPTS), generator, device)
     u_ratio = _rand((n, _CROP_ATTEMPTS), generator, device)
     u_top = _rand(n, generator, device)
@@ -331,7 +299,7 @@ def resized_crop(
         ``[N, C, size, size]`` clamped to [0, 1] (bicubic overshoots at edges).
     """
     if interpolation not in _FILTERS:
-        raise ValueError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}")
+        raise ValueError(f"interpolation must be one of {tuple(_FILTERS)}, got {interpolation!r}")
     if not images_float.is_floating_point():
         raise ValueError(f"resized_crop expects float images, got {images_float.dtype}")
     _, _, height, width = images_float.shape

@@ -121,59 +121,80 @@ def detect_columns(
     feature. Label column: the given one, else the unique ClassLabel feature, else None.
     """
     features = ds.features
-    present = ", ".join(f"'{k}' ({_describe(v)})" for k, v in features.items()) or "none"
-    names = ", ".join(features) or "(none)"
-
-    def require_present(kind: str, column: str) -> None:
-        if column not in features:
-            raise UserError(
-                f"{kind} column '{column}' not found in {where}; columns present: {present}",
-                f"{key_prefix}.{kind}_column",
-                f"set {key_prefix}.{kind}_column to one of: {names}",
-            )
-
     if image_column is not None:
-        require_present("image", image_column)
-        if not _is_image_feature(features[image_column]):
-            raise UserError(
-                f"column '{image_column}' in {where} holds {_describe(features[image_column])}, not images",
-                f"{key_prefix}.image_column",
-                f"set {key_prefix}.image_column to a column of type Image or of uint8 pixel arrays",
-            )
-        image = image_column
+        image = _given_image_column(features, image_column, where, key_prefix)
     else:
-        candidates = [k for k, v in features.items() if isinstance(v, datasets.Image)]
-        if not candidates:
-            raise UserError(
-                f"no image column in {where}; columns present: {present}",
-                f"{key_prefix}.image_column",
-                f"set {key_prefix}.image_column to the column that holds the images",
-            )
-        if len(candidates) > 1:
-            listed = ", ".join(f"'{c}'" for c in candidates)
-            raise UserError(
-                f"several image columns in {where}: {listed}",
-                f"{key_prefix}.image_column",
-                f"set {key_prefix}.image_column to one of: {', '.join(candidates)}",
-            )
-        image = candidates[0]
-
+        image = _found_image_column(features, where, key_prefix)
     if label_column is not None:
-        require_present("label", label_column)
-        if label_column == image:
-            raise UserError(
-                f"column '{label_column}' in {where} is the image column, it cannot also be the labels",
-                f"{key_prefix}.label_column",
-                f"set {key_prefix}.label_column to the column that holds the class ids",
-            )
-        if not _is_label_feature(features[label_column]):
-            raise UserError(
-                f"column '{label_column}' in {where} holds {_describe(features[label_column])}, not class labels",
-                f"{key_prefix}.label_column",
-                f"set {key_prefix}.label_column to a ClassLabel, integer or string column",
-            )
-        return image, label_column
+        return image, _given_label_column(features, label_column, image, where, key_prefix)
+    return image, _found_label_column(features, image, where, key_prefix)
 
+
+def _columns_present(features: datasets.Features) -> str:
+    return ", ".join(f"'{k}' ({_describe(v)})" for k, v in features.items()) or "none"
+
+
+def _require_present(features: datasets.Features, kind: str, column: str, where: str, key_prefix: str) -> None:
+    if column not in features:
+        raise UserError(
+            f"{kind} column '{column}' not found in {where}; columns present: {_columns_present(features)}",
+            f"{key_prefix}.{kind}_column",
+            f"set {key_prefix}.{kind}_column to one of: {', '.join(features) or '(none)'}",
+        )
+
+
+def _given_image_column(features: datasets.Features, column: str, where: str, key_prefix: str) -> str:
+    """The image column the recipe names: present, and of images or 8-bit pixel arrays."""
+    _require_present(features, "image", column, where, key_prefix)
+    if not _is_image_feature(features[column]):
+        raise UserError(
+            f"column '{column}' in {where} holds {_describe(features[column])}, not images",
+            f"{key_prefix}.image_column",
+            f"set {key_prefix}.image_column to a column of type Image or of uint8 pixel arrays",
+        )
+    return column
+
+
+def _found_image_column(features: datasets.Features, where: str, key_prefix: str) -> str:
+    """The one Image feature of the split: none or several need the recipe to name it."""
+    candidates = [k for k, v in features.items() if isinstance(v, datasets.Image)]
+    if not candidates:
+        raise UserError(
+            f"no image column in {where}; columns present: {_columns_present(features)}",
+            f"{key_prefix}.image_column",
+            f"set {key_prefix}.image_column to the column that holds the images",
+        )
+    if len(candidates) > 1:
+        listed = ", ".join(f"'{c}'" for c in candidates)
+        raise UserError(
+            f"several image columns in {where}: {listed}",
+            f"{key_prefix}.image_column",
+            f"set {key_prefix}.image_column to one of: {', '.join(candidates)}",
+        )
+    return candidates[0]
+
+
+def _given_label_column(features: datasets.Features, column: str, image: str, where: str, key_prefix: str) -> str:
+    """The label column the recipe names: present, not the image column, and of class labels."""
+    _require_present(features, "label", column, where, key_prefix)
+    if column == image:
+        raise UserError(
+            f"column '{column}' in {where} is the image column, it cannot also be the labels",
+            f"{key_prefix}.label_column",
+            f"set {key_prefix}.label_column to the column that holds the class ids",
+        )
+    if not _is_label_feature(features[column]):
+        raise UserError(
+            f"column '{column}' in {where} holds {_describe(features[column])}, not class labels",
+            f"{key_prefix}.label_column",
+            f"set {key_prefix}.label_column to a ClassLabel, integer or string column",
+        )
+    return column
+
+
+def _found_label_column(features: datasets.Features, image: str, where: str, key_prefix: str) -> str | None:
+    """The one ClassLabel feature besides the image column, None when there is none; several need the recipe to
+    name one."""
     class_labels = [k for k, v in features.items() if isinstance(v, datasets.ClassLabel) and k != image]
     if len(class_labels) > 1:
         listed = ", ".join(f"'{c}'" for c in class_labels)
@@ -182,7 +203,7 @@ def detect_columns(
             f"{key_prefix}.label_column",
             f"set {key_prefix}.label_column to one of: {', '.join(class_labels)}",
         )
-    return image, (class_labels[0] if class_labels else None)
+    return class_labels[0] if class_labels else None
 
 
 def _check_resolution(resolution: int) -> None:

@@ -241,47 +241,63 @@ def open_split(path: str, split: str, name: str | None = None, *, key_prefix: st
     ("data", "eval.data", ...).
     """
     if path.startswith("builtin:"):
-        if path not in _BUILTINS:
-            raise UserError(
-                f"unknown built-in dataset '{path}'",
-                f"{key_prefix}.path",
-                f"use one of: {', '.join(_BUILTINS)}, or a Hub id / local folder",
-            )
-        _refuse_config_name(name, f"built-in dataset '{path}'", key_prefix)
-        return _pick_split(_digits_dataset_dict(), split, path, key_prefix)
-
+        return _open_builtin(path, split, name, key_prefix)
     local = Path(path).expanduser()
     if not local.exists():
-        if _looks_local(path):
-            raise UserError(
-                "dataset path not found",
-                f"{key_prefix}.path: {path}",
-                "check the path, or give a Hub dataset id like uoft-cs/cifar10",
-            )
-        from robustcl.hub import check_token_sendable
-
-        check_token_sendable()  # a token the HTTP client cannot send would fail deep inside datasets
-        return _load_dataset_dict(path, split, name, hub=True, key_prefix=key_prefix)
-
+        return _open_hub(path, split, name, key_prefix)
     if local.is_file():
-        builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
-        kind = builder.get(local.suffix.lower())
-        if kind is None:
-            raise UserError(
-                f"'{path}' is a file, not a dataset",
-                f"{key_prefix}.path",
-                "point it to a dataset folder, a parquet/arrow/csv/json file, or a Hub id",
-            )
-        # A lone data file has no split names; expose it under the requested one.
-        return _load_dataset_dict(
-            kind, split, name, hub=False, key_prefix=key_prefix, display=path, data_files={split: str(local)}
-        )
+        return _open_data_file(local, path, split, name, key_prefix)
+    return _open_folder(local, path, split, name, key_prefix)
 
+
+def _open_builtin(path: str, split: str, name: str | None, key_prefix: str) -> datasets.Dataset:
+    """A split of one of robustcl's built-in datasets (:data:`BUILTIN_DIGITS`)."""
+    if path not in _BUILTINS:
+        raise UserError(
+            f"unknown built-in dataset '{path}'",
+            f"{key_prefix}.path",
+            f"use one of: {', '.join(_BUILTINS)}, or a Hub id / local folder",
+        )
+    _refuse_config_name(name, f"built-in dataset '{path}'", key_prefix)
+    return _pick_split(_digits_dataset_dict(), split, path, key_prefix)
+
+
+def _open_hub(path: str, split: str, name: str | None, key_prefix: str) -> datasets.Dataset:
+    """A path that does not exist here: a Hub id, unless it can only have been meant as a local path."""
+    if _looks_local(path):
+        raise UserError(
+            "dataset path not found",
+            f"{key_prefix}.path: {path}",
+            "check the path, or give a Hub dataset id like uoft-cs/cifar10",
+        )
+    from robustcl.hub import check_token_sendable
+
+    check_token_sendable()  # a token the HTTP client cannot send would fail deep inside datasets
+    return _load_dataset_dict(path, split, name, hub=True, key_prefix=key_prefix)
+
+
+def _open_data_file(local: Path, path: str, split: str, name: str | None, key_prefix: str) -> datasets.Dataset:
+    """A single parquet / arrow / csv / json file."""
+    builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv", ".json": "json", ".jsonl": "json"}
+    kind = builder.get(local.suffix.lower())
+    if kind is None:
+        raise UserError(
+            f"'{path}' is a file, not a dataset",
+            f"{key_prefix}.path",
+            "point it to a dataset folder, a parquet/arrow/csv/json file, or a Hub id",
+        )
+    # A lone data file has no split names; expose it under the requested one.
+    return _load_dataset_dict(
+        kind, split, name, hub=False, key_prefix=key_prefix, display=path, data_files={split: str(local)}
+    )
+
+
+def _open_folder(local: Path, path: str, split: str, name: str | None, key_prefix: str) -> datasets.Dataset:
+    """A save_to_disk folder, an image folder or a folder of data files (Hub layout), told apart by its files."""
     if (local / "dataset_dict.json").is_file() or (
         (local / "state.json").is_file() and (local / "dataset_info.json").is_file()
     ):
         return _open_saved(local, path, split, name, key_prefix)
-
     has_data, has_images = _scan_folder(local)
     if has_images and not has_data:
         _refuse_config_name(name, f"'{path}' is an image folder, which", key_prefix)

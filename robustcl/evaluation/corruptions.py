@@ -30,6 +30,7 @@ from torch import nn
 from ..data.labels import read_labels
 from ..data.loading import OpenedSplit, open_images
 from ..errors import UserError, one_line, shown
+from ..eval_report import CorruptionFigures
 from ..recipe import Recipe
 from .measure import measure
 
@@ -202,7 +203,7 @@ def open_corruptions(recipe: Recipe, classes: dict[str, Any], progress: bool = F
     return CorruptedSet(opened, labels, names, codes, severities, classes["num_classes"])
 
 
-def corruption_report(corrupted: CorruptedSet, correct: torch.Tensor) -> dict[str, Any]:
+def corruption_report(corrupted: CorruptedSet, correct: torch.Tensor) -> CorruptionFigures:
     """The figures of the per-row results ``correct`` (1 right, 0 wrong, in row order): accuracy and images per
     corruption × severity, the mean per severity (over the corruptions) and per corruption (over its severities), and
     ``mean``, the benchmark's headline: the mean of the per-severity means."""
@@ -225,17 +226,17 @@ def corruption_report(corrupted: CorruptedSet, correct: torch.Tensor) -> dict[st
         if found:
             by_severity[s] = float(np.mean(found))
     o = corrupted.opened
-    return {
-        "source": o.source,
-        "columns": {"image": o.image_column, "label": o.label_column},
-        "images": len(corrupted.labels),
-        "accuracy": accuracy,
-        "images_per_cell": images,
-        "severity_mean": by_severity,
-        "corruption_mean": {name: float(np.mean(list(cells.values()))) for name, cells in accuracy.items()},
-        "mean": float(np.mean(list(by_severity.values()))),
-        "reference": REFERENCE,
-    }
+    return CorruptionFigures(
+        source=o.source,
+        columns={"image": o.image_column, "label": o.label_column},
+        images=len(corrupted.labels),
+        accuracy=accuracy,
+        images_per_cell=images,
+        severity_mean=by_severity,
+        corruption_mean={name: float(np.mean(list(cells.values()))) for name, cells in accuracy.items()},
+        mean=float(np.mean(list(by_severity.values()))),
+        reference=REFERENCE,
+    )
 
 
 def measure_corruptions(
@@ -244,7 +245,7 @@ def measure_corruptions(
     recipe: Recipe,
     accelerator: Accelerator,
     progress: bool = True,
-) -> dict[str, Any] | None:
+) -> CorruptionFigures | None:
     """The classifier's accuracy on the corrupted set ``open_corruptions`` opened (see :func:`corruption_report`),
     None when there is none."""
     if corrupted is None:
@@ -264,7 +265,7 @@ def measure_corruptions(
     return corruption_report(corrupted, measured.clean)
 
 
-def corruption_lines(figures: dict[str, Any] | None) -> list[str]:
+def corruption_lines(figures: CorruptionFigures | None) -> list[str]:
     """The report's corruption figures as lines of ``format_table``: a row per corruption, a column per severity."""
     if not figures:
         return []
@@ -272,7 +273,7 @@ def corruption_lines(figures: dict[str, Any] | None) -> list[str]:
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.2%}"
 
-    accuracy = figures["accuracy"]
+    accuracy = figures.accuracy
     width = max(len("corruption"), *(len(one_line(name)) for name in accuracy))
 
     def row(name: str, values: list[float | None], mean: float | None) -> str:
@@ -280,13 +281,13 @@ def corruption_lines(figures: dict[str, Any] | None) -> list[str]:
 
     header = "    " + " ".join([f"{'corruption':<{width}}", *(f"{s:>7}" for s in SEVERITIES), f"{'mean':>7}"])
     lines = [
-        f"  common corruptions: {one_line(figures['source'])}, {figures['images']} images; mean {pct(figures['mean'])}"
+        f"  common corruptions: {one_line(figures.source)}, {figures.images} images; mean {pct(figures.mean)}"
         f" (over severities, of the mean over {len(accuracy)} corruptions)",
         header,
     ]
     for name, cells in accuracy.items():
         values = [cells.get(str(s)) for s in SEVERITIES]
-        lines.append(row(one_line(name), values, figures["corruption_mean"][name]))
-    by_severity = [figures["severity_mean"].get(str(s)) for s in SEVERITIES]
-    lines.append(row("mean", by_severity, figures["mean"]))
+        lines.append(row(one_line(name), values, figures.corruption_mean[name]))
+    by_severity = [figures.severity_mean.get(str(s)) for s in SEVERITIES]
+    lines.append(row("mean", by_severity, figures.mean))
     return lines

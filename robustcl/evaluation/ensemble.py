@@ -16,73 +16,100 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ValidationError
+
 from ..errors import UserError, one_line, shown
+from ..eval_report import EvalReport
 from ..export_layout import PROTOCOLS
 from ..json_files import write_json
+from ..run_layout import ENSEMBLE_FILE
 
 ALL = "all"  # --protocol all: the three protocols in turn, then their ensemble
-ENSEMBLE_FILE = "ensemble.json"
 METRICS = ("SA", "RA", "AA", "corruptions_mean")
 REFERENCE = "GodXuxilie/RobustSSL_Benchmark Finetuning_Methods/Vanilla_Finetuning/vanilla_finetuning.py (--mode ALL)"
 _FIX = "evaluate one model with one set of settings: robustcl evaluate MODEL --protocol all"
 
 
-def _metric(report: dict[str, Any], metric: str) -> float | None:
+class EnsembleFigures(BaseModel):
+    """``ensemble.json``: the mean of each metric over the three protocols' reports (None where one lacks it)."""
+
+    protocols: list[str]
+    encoder_sha256: str | None
+    preset: str | None
+    model: str
+    dataset: str
+    test_split: str
+    epsilon: float
+    SA: float | None
+    RA: float | None
+    AA: float | None
+    corruptions_mean: float | None
+    per_protocol: dict[str, dict[str, float | None]]  # protocol → metric → its report's figure
+    reports: dict[str, str]  # protocol → its eval.json
+    reference: str
+
+
+def _metric(report: EvalReport, metric: str) -> float | None:
     if metric == "corruptions_mean":
-        return (report.get("corruptions") or {}).get("mean")
-    return report.get(metric)
+        return report.corruptions.mean if report.corruptions else None
+    return getattr(report, metric)
 
 
 def _mean(values: list[float | None]) -> float | None:
     return None if any(v is None for v in values) else sum(values) / len(values)
 
 
-def _agree(reports: list[dict[str, Any]], what: str, value: Callable[[dict[str, Any]], Any]) -> None:
+def _agree(reports: list[EvalReport], what: str, value: Callable[[EvalReport], Any]) -> None:
     """Refuse reports whose ``value`` differs: their mean would be no one model's (or setting's) figure."""
     first = reports[0]
     for other in reports[1:]:
         if value(other) != value(first):
             raise UserError(
-                f"the {first['protocol']} and {other['protocol']} reports are of different {what}: "
+                f"the {first.protocol} and {other.protocol} reports are of different {what}: "
                 f"{shown(value(first), 24)} vs {shown(value(other), 24)}",
-                one_line(f"{first.get('output')}, {other.get('output')}"),
+                one_line(f"{first.output}, {other.output}"),
                 _FIX,
             )
 
 
-def ensemble(reports: list[dict[str, Any]]) -> dict[str, Any]:
-    """The mean of each metric (:data:`METRICS`) over one report of each protocol, refused in one line when they are
-    not one each of slf, alf and aff, or not of the same encoder (``encoder_sha256``), preset, test data and ε."""
-    protocols = [r.get("protocol") for r in reports]
-    if sorted(map(str, protocols)) != sorted(PROTOCOLS):
+def _one_of_each(reports: list[EvalReport]) -> list[EvalReport]:
+    """The reports in protocol order, refused unless they are one each of slf, alf and aff."""
+    protocols = [r.protocol for r in reports]
+    if sorted(protocols) != sorted(PROTOCOLS):
         raise UserError(
             f"the ensemble is the mean over one each of {', '.join(PROTOCOLS)}, got: "
-            f"{one_line(', '.join(map(str, protocols))) or 'none'}",
+            f"{one_line(', '.join(protocols)) or 'none'}",
             "--protocol all",
             _FIX,
         )
-    ordered = sorted(reports, key=lambda r: PROTOCOLS.index(r["protocol"]))
-    _agree(ordered, "encoders (encoder_sha256)", lambda r: r.get("encoder_sha256"))
-    _agree(ordered, "presets (preset)", lambda r: r.get("preset"))
-    _agree(ordered, "test data", lambda r: (r["dataset"]["source"], r["dataset"]["test_split"]))
-    _agree(ordered, "attack radii (epsilon)", lambda r: r.get("epsilon"))
+    return sorted(reports, key=lambda r: PROTOCOLS.index(r.protocol))
+
+
+def ensemble(reports: list[EvalReport]) -> EnsembleFigures:
+    """The mean of each metric (:data:`METRICS`) over one report of each protocol, refused in one line when they are
+    not one each of slf, alf and aff, or not of the same encoder (``encoder_sha256``), preset, test data and ε."""
+    ordered = _one_of_each(reports)
+    _agree(ordered, "encoders (encoder_sha256)", lambda r: r.encoder_sha256)
+    _agree(ordered, "presets (preset)", lambda r: r.preset)
+    _agree(ordered, "test data", lambda r: (r.dataset.source, r.dataset.test_split))
+    _agree(ordered, "attack radii (epsilon)", lambda r: r.epsilon)
     first = ordered[0]
-    return {
-        "protocols": list(PROTOCOLS),
-        "encoder_sha256": first.get("encoder_sha256"),
-        "preset": first.get("preset"),
-        "model": first.get("model"),
-        "dataset": first["dataset"]["source"],
-        "test_split": first["dataset"]["test_split"],
-        "epsilon": first.get("epsilon"),
+    return EnsembleFigures(
+        protocols=list(PROTOCOLS),
+        encoder_sha256=first.encoder_sha256,
+        preset=first.preset,
+        model=first.model,
+        dataset=first.dataset.source,
+        test_split=first.dataset.test_split,
+        epsilon=first.epsilon,
         **{m: _mean([_metric(r, m) for r in ordered]) for m in METRICS},
-        "per_protocol": {r["protocol"]: {m: _metric(r, m) for m in METRICS} for r in ordered},
-        "reports": {r["protocol"]: r.get("output") for r in ordered},
-        "reference": REFERENCE,
-    }
+        per_protocol={r.protocol: {m: _metric(r, m) for m in METRICS} for r in ordered},
+        reports={r.protocol: r.output for r in ordered},
+        reference=REFERENCE,
+    )
 
 
-def card_ensemble(evaluations: list[dict[str, Any]]) -> dict[str, Any] | None:
+def card_ensemble(evaluations: list[EvalReport]) -> EnsembleFigures | None:
     """The ensemble of a model card's evaluations, or None when they are not one each of the three protocols of one
     encoder (the card then simply has no ensemble row)."""
     try:
@@ -93,10 +120,10 @@ def card_ensemble(evaluations: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _is_ensemble(path: Path) -> bool:
     try:
-        figures = json.loads(path.read_text())
-    except (OSError, ValueError):
+        EnsembleFigures.model_validate(json.loads(path.read_text()))
+    except (OSError, ValueError, ValidationError):
         return False
-    return isinstance(figures, dict) and {"protocols", "encoder_sha256", "per_protocol"} <= set(figures)
+    return True
 
 
 def check_ensemble_output(path: Path) -> None:
@@ -125,20 +152,20 @@ def planned_outputs(protocol: str | None, output: Path | None) -> list[tuple[str
     return [(p, None if output is None else output / p) for p in PROTOCOLS]
 
 
-def write_ensemble(reports: list[dict[str, Any]]) -> tuple[dict[str, Any], Path]:
+def write_ensemble(reports: list[EvalReport]) -> tuple[EnsembleFigures, Path]:
     """The ensemble of the three reports, written as ``ensemble.json`` in the folder that holds their folders."""
     figures = ensemble(reports)
-    path = Path(reports[0]["output"]).parent.parent / ENSEMBLE_FILE
+    path = Path(reports[0].output).parent.parent / ENSEMBLE_FILE
     check_ensemble_output(path)
     write_json(path, figures)
     return figures, path
 
 
-def format_ensemble(figures: dict[str, Any]) -> str:
+def format_ensemble(figures: EnsembleFigures) -> str:
     """The ensemble's figures as a line of text, after the three protocols' tables."""
 
     def pct(value: float | None) -> str:
         return "-" if value is None else f"{value:.2%}"
 
-    metrics = "  ".join(f"{m.replace('corruptions_mean', 'corruptions')} {pct(figures[m])}" for m in METRICS)
+    metrics = "  ".join(f"{m.replace('corruptions_mean', 'corruptions')} {pct(getattr(figures, m))}" for m in METRICS)
     return f"ENSEMBLE (mean of {', '.join(p.upper() for p in PROTOCOLS)})\n  {metrics}"

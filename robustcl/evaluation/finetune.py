@@ -139,11 +139,11 @@ def _ce_attack(
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: FinetuneConfig,
-    generator: RandomSource | None = None,
+    random: RandomSource | None = None,
     start: torch.Tensor | None = None,
     steps: int | None = None,
 ) -> torch.Tensor:
-    """PGD on the summed CE (each row's gradient is its own): from ``start``, else uniform noise from ``generator``;
+    """PGD on the summed CE (each row's gradient is its own): from ``start``, else uniform noise from ``random``;
     ``steps`` (default: the training attack's)."""
     with module_mode(model, False):
         return pgd_attack(
@@ -153,7 +153,7 @@ def _ce_attack(
             step_size=cfg.step_size,
             steps=cfg.attack_steps if steps is None else steps,
             random_start=True,
-            generator=generator,
+            random=random,
             start=start,
             clamp_start=cfg.clamp_start,
         )
@@ -172,7 +172,7 @@ def trades_loss(
     x: torch.Tensor,
     y: torch.Tensor,
     cfg: FinetuneConfig,
-    generator: RandomSource,
+    random: RandomSource,
     total: int | None = None,
 ) -> torch.Tensor:
     """TRADES (Zhang et al., 2019): CE(f(x), y) + β·KL(f(x) ‖ f(x_adv)), x_adv maximising that KL (eval-mode BN),
@@ -186,7 +186,7 @@ def trades_loss(
     with module_mode(model, False):
         with torch.no_grad(), _branch(model, CLEAN_BRANCH):
             clean_probs = F.softmax(model(x), dim=1)
-        start = _normal(x.shape, generator, x.device) * _TRADES_START_STD if cfg.trades_random_start else None
+        start = _normal(x.shape, random, x.device) * _TRADES_START_STD if cfg.trades_random_start else None
         x_adv = pgd_attack(
             lambda z: F.kl_div(F.log_softmax(model(z), dim=1), clean_probs, reduction="sum"),
             x,
@@ -355,66 +355,164 @@ def finetune(
     _check_shares(len(train), cfg, key)
     torch.manual_seed(seed)
     encoder = encoder.to(device)
-    if cfg.dual_bn:
-        dual_batchnorm(encoder, clean_bn)
-    bn_train = cfg.encoder_bn_train()
-    if bn_train and world()[1] > 1:
-        convert_sync_batchnorm(encoder)  # statistics of the global batch, as one process computes them
-    # Frozen encoder in eval mode + clean, unaugmented inputs: the features never change, so compute them once.
-    cached = not cfg.train_encoder and cfg.train_attack == "none" and not cfg.augment and not bn_train
-    features = val_features = None
-    own, own_val = owned_rows(len(train)), owned_rows(len(val))
-    if cached:
-        features = train_features(encoder, train, own, device, workers, progress)
-        if cfg.select_by == "clean":
-            val_features = _encode_rows(encoder, val.images, own_val, device, torch.float32, workers)
-    head = nn.Linear(_feature_dim(encoder, train.images, features, device), num_classes).to(device)
-    if cfg.head_init == "zeros":
-        nn.init.zeros_(head.weight)
-        nn.init.zeros_(head.bias)
-    model = Classifier(encoder, head, frozen=not cfg.train_encoder, bn_train=bn_train)
+    _prepare_batchnorm(encoder, cfg, clean_bn)
+    cached = _cached_features(encoder, train, val, cfg, device, workers, progress)
+    features = cached.train if cached is not None else None
+    head = _new_head(_feature_dim(encoder, train.images, features, device), num_classes, cfg, device)
+    model = Classifier(encoder, head, frozen=not cfg.train_encoder, bn_train=cfg.encoder_bn_train())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=cfg.milestones, gamma=cfg.gamma)
-    order_generator = torch.Generator().manual_seed(seed)
+    order = torch.Generator().manual_seed(seed)
     augment = WeakAugment(WeakAugmentParams(size=resolution(train.images))) if cfg.augment else None
+    run = _Finetuning(
+        model, params, optimizer, scheduler, train, val, cfg, device, seed, workers, cached, order, augment
+    )
+    history, best = _train_epochs(run, desc, progress)
+    return _finish(run, history, best)
 
-    best_state, best_epoch, best_acc = None, 0, -1.0
+
+def _prepare_batchnorm(encoder: nn.Module, cfg: FinetuneConfig, clean_bn: nn.Module | None) -> None:
+    """Give the encoder, in place, the BatchNorms the protocol trains with."""
+    if cfg.dual_bn:
+        dual_batchnorm(encoder, clean_bn)
+    if cfg.encoder_bn_train() and world()[1] > 1:
+        convert_sync_batchnorm(encoder)  # statistics of the global batch, as one process computes them
+
+
+@dataclass
+class _CachedFeatures:
+    """SLF's features, computed once: of this process's rows of the training split (``own``), and of its rows of the
+    validation split (``own_val``) when the epoch is picked on clean accuracy."""
+
+    own: torch.Tensor
+    train: torch.Tensor
+    own_val: torch.Tensor
+    val: torch.Tensor | None
+
+
+def _cached_features(
+    encoder: nn.Module,
+    train: LabelledImages,
+    val: LabelledImages,
+    cfg: FinetuneConfig,
+    device: torch.device,
+    workers: int,
+    progress: bool,
+) -> _CachedFeatures | None:
+    """Frozen encoder in eval mode + clean, unaugmented inputs: the features never change, so compute them once.
+    None for every other protocol."""
+    own, own_val = owned_rows(len(train)), owned_rows(len(val))
+    if cfg.train_encoder or cfg.train_attack != "none" or cfg.augment or cfg.encoder_bn_train():
+        return None
+    features = train_features(encoder, train, own, device, workers, progress)
+    if cfg.select_by != "clean":
+        return _CachedFeatures(own, features, own_val, None)
+    val_features = _encode_rows(encoder, val.images, own_val, device, torch.float32, workers)
+    return _CachedFeatures(own, features, own_val, val_features)
+
+
+def _new_head(features: int, num_classes: int, cfg: FinetuneConfig, device: torch.device) -> nn.Linear:
+    """The linear head: nn.Linear's initialisation from the seeded global generator, or zeros (``head_init``)."""
+    head = nn.Linear(features, num_classes).to(device)
+    if cfg.head_init == "zeros":
+        nn.init.zeros_(head.weight)
+        nn.init.zeros_(head.bias)
+    return head
+
+
+@dataclass
+class _Finetuning:
+    """One finetuning set up: the classifier, what trains it, and SLF's cached features (None: every step goes
+    through the encoder)."""
+
+    model: Classifier
+    params: list[nn.Parameter]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.MultiStepLR
+    train: LabelledImages
+    val: LabelledImages
+    cfg: FinetuneConfig
+    device: torch.device
+    seed: int
+    workers: int
+    cached: _CachedFeatures | None
+    order: torch.Generator  # draws the order of the training images, each epoch
+    augment: WeakAugment | None
+
+    def kept(self) -> nn.Module:
+        """What the selected epoch's weights are taken from: the encoder changes when it trains, and its BatchNorm
+        statistics when they run in train mode; else only the head does."""
+        return self.model if self.cfg.train_encoder or self.model.bn_train else self.model.head
+
+    def train_epoch(self, epoch: int) -> float:
+        """One epoch in a new random order, then the schedule's step; returns the mean training loss."""
+        self.model.train()
+        batches = torch.randperm(len(self.train), generator=self.order).split(self.cfg.batch_size)
+        if self.cached is not None:
+            head, features, own = self.model.head, self.cached.train, self.cached.own
+            total = _feature_epoch(
+                head, features, own, self.train.labels, batches, self.optimizer, self.params, self.device
+            )
+        else:
+            run = _EpochRun(
+                self.model, self.augment, self.cfg, self.device, self.seed, epoch, self.optimizer, self.params
+            )
+            total = run.run(self.train, batches, self.workers)
+        summed = sum_over_processes(torch.tensor([total], dtype=torch.float64, device=self.device))
+        train_loss = float(summed) / len(self.train)
+        self.scheduler.step()
+        return train_loss
+
+    def val_accuracy(self) -> float:
+        """This epoch's validation accuracy, on the cached features when there are."""
+        cached = self.cached
+        if cached is not None and cached.val is not None:
+            labels = self.val.labels[cached.own_val]
+            return _feature_val_accuracy(self.model.head, cached.val, labels, len(self.val), self.device)
+        return _val_accuracy(self.model, self.val, self.cfg, self.device, self.seed, self.workers)
+
+
+@dataclass
+class _BestEpoch:
+    """The epoch picked so far on validation accuracy (``select_by`` clean / robust), with its weights."""
+
+    epoch: int = 0
+    accuracy: float = -1.0
+    state: dict[str, Any] | None = None
+
+
+def _train_epochs(run: _Finetuning, desc: str, progress: bool) -> tuple[list[dict[str, Any]], _BestEpoch]:
+    """Every epoch, each validated unless the last one is kept; returns the history and the best epoch."""
+    cfg = run.cfg
+    best = _BestEpoch()
     history: list[dict[str, Any]] = []
     bar = tqdm(range(1, cfg.epochs + 1), desc=desc, unit="epoch", dynamic_ncols=True, disable=not progress)
     for epoch in bar:
-        model.train()
-        batches = torch.randperm(len(train), generator=order_generator).split(cfg.batch_size)
-        if features is not None:
-            total = _feature_epoch(head, features, own, train.labels, batches, optimizer, params, device)
-        else:
-            run = _EpochRun(model, augment, cfg, device, seed, epoch, optimizer, params)
-            total = run.run(train, batches, workers)
-        train_loss = float(sum_over_processes(torch.tensor([total], dtype=torch.float64, device=device))) / len(train)
-        scheduler.step()
+        train_loss = run.train_epoch(epoch)
         if cfg.select_by == "final":
             history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": None})
             bar.set_postfix(loss=f"{train_loss:.4f}")
             continue
-        if val_features is not None:
-            val_acc = _feature_val_accuracy(head, val_features, val.labels[own_val], len(val), device)
-        else:
-            val_acc = _val_accuracy(model, val, cfg, device, seed, workers)
+        val_acc = run.val_accuracy()
         history.append({"epoch": epoch, "train_loss": train_loss, "val_accuracy": val_acc})
         bar.set_postfix(loss=f"{train_loss:.4f}", val=f"{100 * val_acc:.1f}%")
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch
-            # The encoder changes when it trains, and its BatchNorm statistics when they run in train mode.
-            trained = model if cfg.train_encoder or bn_train else head
-            best_state = copy.deepcopy(trained.state_dict())
+        if val_acc > best.accuracy:
+            best = _BestEpoch(epoch, val_acc, copy.deepcopy(run.kept().state_dict()))
     bar.close()
-    if cfg.select_by == "final":
-        best_epoch, best_acc = cfg.epochs, None
+    return history, best
+
+
+def _finish(run: _Finetuning, history: list[dict[str, Any]], best: _BestEpoch) -> FinetuneResult:
+    """The classifier with the kept epoch's weights and one BatchNorm branch (ADV_BRANCH), in eval mode."""
+    if run.cfg.select_by == "final":
+        epoch, accuracy = run.cfg.epochs, None
     else:
-        (model if cfg.train_encoder or bn_train else head).load_state_dict(best_state)
-    if cfg.dual_bn:
-        single_batchnorm(encoder, ADV_BRANCH)
-    return FinetuneResult(model.eval(), best_epoch, best_acc, history)
+        epoch, accuracy = best.epoch, best.accuracy
+        run.kept().load_state_dict(best.state)
+    if run.cfg.dual_bn:
+        single_batchnorm(run.model.encoder, ADV_BRANCH)
+    return FinetuneResult(run.model.eval(), epoch, accuracy, history)
 
 
 def _feature_epoch(

@@ -9,6 +9,7 @@ sharded loader adds, so 1 and N processes give the same figures.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -117,11 +118,7 @@ def measure(
     device = accelerator.device
     model = model.to(device)
     n = len(images)
-    attacked = n if attack_subset is None else min(attack_subset, n)
-    curve_eps = sorted(set(cfg.curve_epsilons))
-    pgd_eps = sorted({e for e in curve_eps if e > 0} | ({cfg.epsilon} if "pgd20" in attacks else set()))
-    autoattack = _autoattack(model, cfg, num_classes, device, seed) if "autoattack" in attacks else None
-
+    plan = _plan_attacks(model, cfg, attacks, n, attack_subset, num_classes, device, seed)
     loader = accelerator.prepare_data_loader(
         DataLoader(TensorDataset(torch.arange(n)), batch_size=cfg.batch_size, shuffle=False)
     )
@@ -129,46 +126,102 @@ def measure(
     bar = tqdm(loader, desc="attack", unit="batch", dynamic_ncols=True, disable=not progress)
     with module_mode(model, False):
         for (index,) in bar:
-            cpu_index = index.cpu()
-            x, y = pixels(pixels_of(images, cpu_index), device), labels[cpu_index].to(device)
-            results = {"index": index}
-            with torch.no_grad():
-                results["clean"] = (model(x).argmax(1) == y).long()
-            chosen = (cpu_index < attacked).to(device)
-            xa, ya = x[chosen], y[chosen]
-            starts = unit_starts(cpu_index[chosen.cpu()], x.shape[1:], seed).to(device) if pgd_eps else None
-            for eps in pgd_eps:
-                x_adv = None
-                if len(xa):
-                    x_adv = pgd_attack(
-                        lambda z, ya=ya: F.cross_entropy(model(z), ya, reduction="sum"),
-                        xa,
-                        epsilon=eps,
-                        step_size=pgd_curve_step(cfg, eps),
-                        steps=cfg.steps,
-                        random_start=False,
-                        start=starts * eps if cfg.random_start else None,
-                    )
-                results[f"pgd@{eps!r}"] = _flags(model, x_adv, ya, chosen, len(y))
-            if autoattack is not None:
-                x_adv = autoattack.run_standard_evaluation(xa, ya, batch_size=len(xa))[0] if len(xa) else None
-                results["autoattack"] = _flags(model, x_adv, ya, chosen, len(y))
+            results = _judge_batch(model, images, labels, index, plan, device)
             for key, value in accelerator.gather_for_metrics(results).items():
                 gathered.setdefault(key, []).append(value.cpu())
     bar.close()
+    return _measurement(_in_test_order(gathered, n), plan, attacks)
 
+
+@dataclass
+class _AttackPlan:
+    """What every test batch is measured with."""
+
+    cfg: EvalAttackConfig
+    attacked: int  # the first ``attacked`` test images are attacked
+    curve_eps: list[float]  # the ε-curve's radii, ascending
+    pgd_eps: list[float]  # PGD's radii, ascending: the curve's above 0, and RA's
+    autoattack: Any | None  # AutoAttack, when measured
+    seed: int  # seeds each image's PGD start (unit_starts)
+
+
+def _plan_attacks(
+    model: nn.Module,
+    cfg: EvalAttackConfig,
+    attacks: list[str],
+    n: int,
+    attack_subset: int | None,
+    num_classes: int,
+    device: torch.device,
+    seed: int,
+) -> _AttackPlan:
+    attacked = n if attack_subset is None else min(attack_subset, n)
+    curve_eps = sorted(set(cfg.curve_epsilons))
+    pgd_eps = sorted({e for e in curve_eps if e > 0} | ({cfg.epsilon} if "pgd20" in attacks else set()))
+    autoattack = _autoattack(model, cfg, num_classes, device, seed) if "autoattack" in attacks else None
+    return _AttackPlan(cfg, attacked, curve_eps, pgd_eps, autoattack, seed)
+
+
+def _judge_batch(
+    model: nn.Module,
+    images: Pixels,
+    labels: torch.Tensor,
+    index: torch.Tensor,
+    plan: _AttackPlan,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """This process's share of one test batch: its image indices and, per image, the flags of the clean, PGD (at each
+    radius) and AutoAttack judgements."""
+    cpu_index = index.cpu()
+    x, y = pixels(pixels_of(images, cpu_index), device), labels[cpu_index].to(device)
+    results = {"index": index}
+    with torch.no_grad():
+        results["clean"] = (model(x).argmax(1) == y).long()
+    chosen = (cpu_index < plan.attacked).to(device)
+    xa, ya = x[chosen], y[chosen]
+    starts = unit_starts(cpu_index[chosen.cpu()], x.shape[1:], plan.seed).to(device) if plan.pgd_eps else None
+    for eps in plan.pgd_eps:
+        x_adv = _pgd(model, xa, ya, eps, starts, plan.cfg) if len(xa) else None
+        results[f"pgd@{eps!r}"] = _flags(model, x_adv, ya, chosen, len(y))
+    if plan.autoattack is not None:
+        x_adv = plan.autoattack.run_standard_evaluation(xa, ya, batch_size=len(xa))[0] if len(xa) else None
+        results["autoattack"] = _flags(model, x_adv, ya, chosen, len(y))
+    return results
+
+
+def _pgd(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, starts: torch.Tensor, cfg: EvalAttackConfig
+) -> torch.Tensor:
+    """PGD on the summed CE at radius ``eps`` (RA's step scaled with it), from each image's own unit start × ε."""
+    return pgd_attack(
+        lambda z: F.cross_entropy(model(z), y, reduction="sum"),
+        x,
+        epsilon=eps,
+        step_size=pgd_curve_step(cfg, eps),
+        steps=cfg.steps,
+        random_start=False,
+        start=starts * eps if cfg.random_start else None,
+    )
+
+
+def _in_test_order(gathered: dict[str, list[torch.Tensor]], n: int) -> dict[str, torch.Tensor]:
+    """The gathered batches as one column per judgement, in test-set order; every image exactly once."""
     columns = {key: torch.cat(values) for key, values in gathered.items()}
     order = columns["index"].argsort()
     if not torch.equal(columns["index"][order], torch.arange(n)):
         raise RuntimeError("sharded evaluation lost or duplicated test images")
-    columns = {key: value[order] for key, value in columns.items()}
+    return {key: value[order] for key, value in columns.items()}
+
+
+def _measurement(columns: dict[str, torch.Tensor], plan: _AttackPlan, attacks: list[str]) -> Measurement:
+    """The per-image columns as a Measurement: the curve's ε = 0 point is clean accuracy on the attacked images."""
     clean = columns["clean"]
-    subset_clean = torch.where(torch.arange(n) < attacked, clean, torch.full_like(clean, NOT_ATTACKED))
-    curve = {eps: subset_clean if eps == 0 else columns[f"pgd@{eps!r}"] for eps in curve_eps}
+    subset_clean = torch.where(torch.arange(len(clean)) < plan.attacked, clean, torch.full_like(clean, NOT_ATTACKED))
+    curve = {eps: subset_clean if eps == 0 else columns[f"pgd@{eps!r}"] for eps in plan.curve_eps}
     return Measurement(
         clean=clean,
-        pgd=columns.get(f"pgd@{cfg.epsilon!r}") if "pgd20" in attacks else None,
+        pgd=columns.get(f"pgd@{plan.cfg.epsilon!r}") if "pgd20" in attacks else None,
         autoattack=columns.get("autoattack"),
         curve=curve,
-        attacked=attacked,
+        attacked=plan.attacked,
     )

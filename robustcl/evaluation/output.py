@@ -4,22 +4,15 @@ it. The defaults are a run directory's ``eval/PROTOCOL/`` and ``eval/MODEL/PROTO
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
 
 from ..errors import UserError
-from ..export_layout import (
-    CLASSIFIER_DIR,
-    CONFIG_FILE,
-    EVAL_DIR,
-    MODEL_TYPE,
-    REPORT_FILE,
-    is_export_config,
-    read_model_type,
-)
+from ..eval_report import read_report
+from ..export_layout import CONFIG_FILE, MODEL_TYPE, is_export_config, read_model_type
 from ..run_dir import is_run_dir
+from ..run_layout import CLASSIFIER_DIR, EVAL_DIR, REPORT_FILE
 
 # Folders above an output that are checked for being a run directory or an export: enough for the layouts robustcl
 # writes (RUN/eval/PROTOCOL, EXPORT/eval/PROTOCOL), without walking to the filesystem's root.
@@ -36,16 +29,7 @@ def default_output(reference: str, is_run_dir: bool, protocol: str) -> Path:
     if is_run_dir:
         return run_dir_output(Path(reference), protocol)
     name = re.sub(r"[^A-Za-z0-9._-]+", "_", reference.strip("/")).strip("_") or "model"
-    return Path("eval") / name / protocol / REPORT_FILE
-
-
-def _is_report(path: Path) -> bool:
-    """Whether ``path`` holds an ``eval.json`` robustcl wrote."""
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(report, dict) and {"protocol", "encoder_sha256", "SA"} <= set(report)
+    return Path(EVAL_DIR) / name / protocol / REPORT_FILE
 
 
 def _refuse(what: str, output: Path, fix: str) -> UserError:
@@ -86,7 +70,7 @@ def checked_output(output: Path) -> Path:
             f"give e.g. {output.with_suffix('.json')}, or a folder to hold eval.json",
         )
     _check_place(output.parent, output)
-    if output.exists() and not _is_report(output):
+    if output.exists() and read_report(output) is None:  # not an eval.json robustcl wrote
         raise _refuse(
             "the output file exists and is not an evaluation report robustcl wrote; it would be overwritten",
             output,

@@ -5,8 +5,9 @@ from __future__ import annotations
 import importlib.metadata
 import platform
 from pathlib import Path
-from typing import Any
 
+from ..atomic_write import atomic_file
+from ..eval_report import EvalReport
 from .corruptions import corruption_lines
 
 _PACKAGES = ("robustcl", "torch", "transformers", "accelerate", "datasets", "pyautoattack")
@@ -30,72 +31,67 @@ def _eps(value: float) -> str:
     return f"{value * 255:g}/255"
 
 
-def format_table(report: dict[str, Any]) -> str:
+def _rows(report: EvalReport) -> list[tuple[str, float | None, int, str]]:
+    """(metric, accuracy, images, attack) of each figure measured."""
+    sizes, pgd = report.split_sizes, report.attack.pgd
+    rows = [("SA", report.SA, sizes.test, "clean")]
+    if report.RA is not None:
+        attack = f"PGD-{pgd.steps} CE, eps {_eps(pgd.epsilon)}, step {_eps(pgd.step_size)}"
+        rows.append(("RA", report.RA, sizes.attacked, attack))
+    aa = report.attack.autoattack
+    if report.AA is not None and aa is not None:
+        rows.append(("AA", report.AA, sizes.attacked, f"AutoAttack {aa.version}, eps {_eps(aa.epsilon)}"))
+    return rows
+
+
+def format_table(report: EvalReport) -> str:
     """The figures people read first, as aligned text."""
-    sizes, pgd, ft = report["split_sizes"], report["attack"]["pgd"], report["finetune"]
-    rows = [("SA", report["SA"], sizes["test"], "clean")]
-    if report["RA"] is not None:
-        rows.append(
-            (
-                "RA",
-                report["RA"],
-                sizes["attacked"],
-                f"PGD-{pgd['steps']} CE, eps {_eps(pgd['epsilon'])}, step {_eps(pgd['step_size'])}",
-            )
-        )
-    if report["AA"] is not None:
-        aa = report["attack"]["autoattack"]
-        rows.append(("AA", report["AA"], sizes["attacked"], f"AutoAttack {aa['version']}, eps {_eps(aa['epsilon'])}"))
-    preset = f", preset {report['preset']}" if report.get("preset") else ""  # absent from earlier reports
-    if ft["select_by"] == "final":
-        kept = f"last epoch ({ft['epochs']}) kept, no validation split"
+    sizes, ft = report.split_sizes, report.finetune
+    preset = f", preset {report.preset}" if report.preset else ""  # absent from earlier reports
+    if ft.select_by == "final":
+        kept = f"last epoch ({ft.epochs}) kept, no validation split"
     else:
-        kept = (
-            f"selected epoch {ft['selected_epoch']} of {ft['epochs']} "
-            f"(validation {ft['select_by']} accuracy {_pct(ft['val_accuracy'])})"
-        )
+        validation = f"validation {ft.select_by} accuracy {_pct(ft.val_accuracy)}"
+        kept = f"selected epoch {ft.selected_epoch} of {ft.epochs} ({validation})"
     lines = [
-        f"{report['protocol'].upper()} evaluation of {report['model']} on {report['dataset']['source']}{preset}",
-        f"  train {sizes['train']} / val {sizes['val']} / test {sizes['test']} images; {kept}",
+        f"{report.protocol.upper()} evaluation of {report.model} on {report.dataset.source}{preset}",
+        f"  train {sizes.train} / val {sizes.val} / test {sizes.test} images; {kept}",
         f"  {'metric':<6} {'accuracy':>9} {'images':>7}  attack",
     ]
-    note = report["dataset"].get("test_split_note")  # absent from reports of earlier versions
+    note = report.dataset.test_split_note  # absent from reports of earlier versions
     if note:
         lines.insert(1, f"  {note}")
-    lines += [f"  {name:<6} {_pct(value):>9} {count:>7}  {what}" for name, value, count, what in rows]
-    lines += corruption_lines(report.get("corruptions"))  # absent from reports of earlier versions
+    lines += [f"  {name:<6} {_pct(value):>9} {count:>7}  {what}" for name, value, count, what in _rows(report)]
+    lines += corruption_lines(report.corruptions)  # absent from reports of earlier versions
     return "\n".join(lines)
 
 
-def plot_curve(report: dict[str, Any], path: Path) -> None:
+def plot_curve(report: EvalReport, path: Path) -> None:
     """Accuracy vs ε under PGD, one line, written as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
 
-    points = report["curve"]
-    eps = [p["epsilon"] * 255 for p in points]
-    acc = [100 * p["accuracy"] for p in points]
+    eps = [p.epsilon * 255 for p in report.curve]
+    acc = [100 * p.accuracy for p in report.curve]
     fig, ax = plt.subplots(figsize=(5, 3.6), dpi=120)
     ax.plot(eps, acc, marker="o")
     for x, y in zip(eps, acc):
         ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-    pgd = report["attack"]["pgd"]
     ax.set_xlabel("L∞ radius ε (×1/255)")
     ax.set_ylabel("accuracy (%)")
     ax.set_ylim(0, 108)  # headroom for the labels of points near 100%
     ax.set_yticks(range(0, 101, 20))
     ax.set_xticks(eps)
     ax.grid(alpha=0.3)
-    ax.set_title(
-        f"{report['protocol'].upper()}, PGD-{pgd['steps']}, {report['split_sizes']['attacked']} test images",
-        fontsize=9,
-    )
-    fig.suptitle(Path(report["model"]).name or report["model"], fontsize=10)
+    title = f"{report.protocol.upper()}, PGD-{report.attack.pgd.steps}, {report.split_sizes.attacked} test images"
+    ax.set_title(title, fontsize=9)
+    fig.suptitle(Path(report.model).name or report.model, fontsize=10)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    tmp.replace(path)
+    try:
+        with atomic_file(path) as tmp:
+            fig.savefig(tmp, format="png")
+    finally:
+        plt.close(fig)

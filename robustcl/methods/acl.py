@@ -59,19 +59,19 @@ class ACL(Method):
         z1, z2 = self.embed(x, branch).chunk(2)
         return nt_xent(z1, z2, self.temperature, across_processes)
 
-    def views(self, images: torch.Tensor, generator: BatchRandom, step: int) -> torch.Tensor:
+    def views(self, images: torch.Tensor, random: BatchRandom, step: int) -> torch.Tensor:
         """Two SimCLR views of every image, stacked [view1; view2]."""
-        return torch.cat([self.augment(images, generator), self.augment(images, generator)])
+        return torch.cat([self.augment(images, random), self.augment(images, random)])
 
-    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
-        views = self.views(images, generator, step)
+    def forward(self, images: torch.Tensor, random: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
+        views = self.views(images, random, step)
         branch, across = self.adv_branch, self.attack_across_processes
         if self.variant == "a2s":
             view1, clean2 = views.chunk(2)
-            adv1 = self.attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch, across), view1, generator)
+            adv1 = self.attack(lambda x1: self.pair_loss(torch.cat([x1, clean2]), branch, across), view1, random)
             loss = self.pair_loss(torch.cat([adv1, clean2]), branch, across_processes=True)
             return loss, {"loss_adv": loss.detach()}
-        adv = self.attack(lambda x: self.pair_loss(x, branch, across), views, generator)
+        adv = self.attack(lambda x: self.pair_loss(x, branch, across), views, random)
         loss_adv = self.pair_loss(adv, branch, across_processes=True)
         if self.variant == "a2a":
             return loss_adv, {"loss_adv": loss_adv.detach()}

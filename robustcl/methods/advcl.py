@@ -30,12 +30,19 @@ from ..data.frequency import high_frequency
 from ..encoder_loading import load_encoder
 from ..encoder_record import Paper
 from ..errors import UserError
-from ..kmeans import OneProcess, ProcessGroup
 from ..losses import AcrossProcesses, multi_positive_nt_xent
 from ..models import ProjectionHead, RobustCLResNetModel
-from ..pseudo_labels import LABELS_FILE, compute_pseudo_labels, load_pseudo_labels, save_pseudo_labels
+from ..pseudo_labels import (
+    PseudoLabels,
+    check_cluster_counts,
+    cluster_labels,
+    load_pseudo_labels,
+    save_pseudo_labels,
+)
 from ..recipe import Recipe
-from .base import Method, TrainingRun, encoder_config
+from ..run_layout import PSEUDO_LABELS_FILE
+from ..setup_context import SetupContext
+from .base import Method, encoder_config
 from .views import simclr_augment, weak_augment
 
 
@@ -70,39 +77,25 @@ class AdvCL(Method):
             f"cross-entropy on a second PGD view (k-means K = {ks})"
         )
 
-    def setup(self, run: TrainingRun) -> None:
-        super().setup(run)
-        path = self.label_file(run.run_dir)
+    def setup(self, context: SetupContext) -> None:
+        path = self.label_file(context.run_dir)
         if self.opts.pseudo_labels is None and not path.is_file():
-            self.cluster(run, path)
-        self.pseudo_labels = load_pseudo_labels(path, self.opts.clusters, run.images).to(run.device)
+            self.cluster(context, path)
+        self.pseudo_labels = load_pseudo_labels(path, self.opts.clusters, context.images).to(context.device)
 
-    def cluster(self, run: TrainingRun, path: Path) -> None:
-        """Every process encodes its shard of the images and joins the sharded k-means; the main process writes the
-        labels file. Returns once the file is in place; a failure on any process raises on every process."""
-        many = run.accelerator is not None and run.accelerator.num_processes > 1
-        group = ProcessGroup() if many else OneProcess()
-        reference = self.opts.cluster_encoder
-
-        def load() -> nn.Module:
-            if run.accelerator is None:
-                return load_encoder(reference).encoder
-            from ..distributed import node_main_first
-
-            # A Hub encoder is downloaded once per node, not raced for by every process.
-            return node_main_first(run.accelerator, lambda: load_encoder(reference).encoder)
-
-        encoder = group.agree(load, "loading the cluster encoder")
-        labels = compute_pseudo_labels(
-            encoder, reference, run.images, self.opts.clusters,
-            seed=self.recipe.training.seed, device=run.device, progress=run.is_main_process(), group=group,
-        )  # fmt: skip
+    def cluster(self, context: SetupContext, path: Path) -> None:
+        """k-means of the cluster encoder's features of the pretraining images (the trainer shards the feature pass
+        and the clustering over its processes), written into ``path`` once. A failure anywhere raises everywhere."""
+        reference, clusters, seed = self.opts.cluster_encoder, self.opts.clusters, self.recipe.training.seed
+        check_cluster_counts(clusters, len(context.images))
+        encoder = context.load_once(lambda: load_encoder(reference).encoder, "loading the cluster encoder")
+        labels = cluster_labels(context.features(encoder), clusters, seed=seed, progress=context.progress)
 
         def write() -> None:
-            if labels is not None:  # the main process, which gathered them
-                save_pseudo_labels(path, labels)
+            found = PseudoLabels(labels, context.images.identity(), str(reference), seed, normalized=True)
+            save_pseudo_labels(path, found)
 
-        group.agree(write, "writing the pseudo-labels")
+        context.write_once(write, "writing the pseudo-labels")
 
     def label_file(self, run_dir: Path) -> Path:
         """The recipe's labels file, else the one computed into the run directory."""
@@ -115,7 +108,7 @@ class AdvCL(Method):
                 "set method.advcl.pseudo_labels to a file from robustcl cluster, or method.advcl.cluster_encoder to "
                 "an encoder (run directory, export or Hub id) whose features are clustered before training",
             )
-        return Path(run_dir) / LABELS_FILE
+        return Path(run_dir) / PSEUDO_LABELS_FILE
 
     def embed(self, x: torch.Tensor, branch: str) -> torch.Tensor:
         return F.normalize(self.projector(self.encoder(x, bn_branch=branch).pooler_output), dim=1)
@@ -132,11 +125,11 @@ class AdvCL(Method):
         losses = [F.cross_entropy(head(features), t) for head, t in zip(self.pseudo_heads.values(), targets)]
         return torch.stack(losses).mean()
 
-    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
+    def forward(self, images: torch.Tensor, random: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
         if self.pseudo_labels is None:
             raise RuntimeError("AdvCL.setup(run) must be called before training (it loads the pseudo-labels)")
-        x1, x2 = self.augment(images, generator), self.augment(images, generator)
-        weak = self.weak(images, generator)
+        x1, x2 = self.augment(images, random), self.augment(images, random)
+        weak = self.weak(images, random)
         x_hf = high_frequency(weak, self.opts.high_frequency_radius)
         targets = self.pseudo_labels[:, indices.to(self.pseudo_labels.device)].to(images.device)
         clean_views = (x1, x2, x_hf)
@@ -149,8 +142,8 @@ class AdvCL(Method):
             with torch.no_grad(), module_mode(self, train=attack_in_train_mode):
                 clean_const = [self.embed(v, "normal") for v in clean_views]
         across = self.attack_across_processes
-        x_cl = self.attack(lambda x: self.contrastive_loss(self.embed(x, "pgd"), clean_const, across), weak, generator)
-        x_ce = self.attack(lambda x: self.pseudo_label_loss(x, targets), weak, generator)
+        x_cl = self.attack(lambda x: self.contrastive_loss(self.embed(x, "pgd"), clean_const, across), weak, random)
+        x_ce = self.attack(lambda x: self.pseudo_label_loss(x, targets), weak, random)
 
         loss_cl = self.contrastive_loss(self.embed(x_cl, "pgd"), clean, across_processes=True)
         loss_ce = self.pseudo_label_loss(x_ce, targets)

@@ -5,23 +5,18 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..attacks import frozen_parameters, module_mode, pgd_attack
 from ..data.batches import BatchRandom
-from ..data.images import ImageRows
 from ..encoder_record import EncoderRecord, MethodCard, Paper
 from ..losses import AcrossProcesses
 from ..models import RobustCLResNetConfig, RobustCLResNetModel
 from ..recipe import ModelConfig, Recipe
-
-if TYPE_CHECKING:
-    from accelerate import Accelerator
+from ..setup_context import SetupContext
 
 
 def attack_precision(precision: str, device: torch.device) -> AbstractContextManager:
@@ -49,41 +44,22 @@ def encoder_config(cfg: ModelConfig, bn_branches: list[str]) -> RobustCLResNetCo
     )
 
 
-@dataclass
-class TrainingRun:
-    """What a method may need beyond its weights before the first step: schedules (step counts), the dataset
-    (pseudo-labels are checked against it) and the run directory (for files a stage computes)."""
-
-    run_dir: Path
-    images: ImageRows  # the pretraining split in dataset order (decoded, or encoded for the streamed path)
-    steps_per_epoch: int
-    total_steps: int
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-    accelerator: Accelerator | None = None  # None in single-process use (tests, scripts)
-
-    @property
-    def total_epochs(self) -> float:
-        return self.total_steps / self.steps_per_epoch
-
-    def is_main_process(self) -> bool:
-        return self.accelerator is None or self.accelerator.is_main_process
-
-    def wait_for_everyone(self) -> None:
-        if self.accelerator is not None:
-            self.accelerator.wait_for_everyone()
-
-
 class Method(nn.Module):
-    """A self-supervised method: owns its encoder, heads and views; the trainer only calls ``setup`` and
-    ``forward``.
+    """A self-supervised method: owns its encoder, heads and views. The trainer calls, in this order:
 
-    ``setup(run)`` runs once before training (and before a checkpoint is restored): it loads what the method needs
-    from outside its weights (a teacher, pseudo-labels) and reads the schedule lengths.
+    ``setup(context)`` once before training (before a checkpoint is restored and before DDP wraps the method): it
+    loads what the method needs from outside its weights (a teacher, pseudo-labels computed over the pretraining
+    images) and reads the schedule's length, through a :class:`SetupContext`.
 
-    ``forward(images, generator, indices, step)`` takes a uint8 batch [N, C, H, W] on the device, the process's
-    share of the micro-batch's random numbers (:class:`BatchRandom`), the images' dataset indices and the 0-based
-    optimizer step; it builds the method's views and attacks, and returns ``(loss, metrics)`` where metrics are
-    detached scalar tensors (no host syncs in the step).
+    Then for every optimizer step: ``before_step(step)``; ``forward(images, random, indices, step)`` for each
+    micro-batch, which takes a uint8 batch [N, C, H, W] on the device, the process's share of the micro-batch's
+    random numbers (:class:`BatchRandom`), the images' dataset indices and the 0-based optimizer step, builds the
+    method's views and attacks, and returns ``(loss, metrics)`` where metrics are detached scalar tensors (no host
+    syncs in the step); and ``after_step(step)`` once the step's update was applied (not after a step skipped for a
+    NaN/inf loss or gradient, which changes nothing).
+
+    Networks the optimizer must not train are declared by :meth:`frozen_networks`; the card's facts are the class
+    attributes below and :meth:`describe`.
     """
 
     encoder: RobustCLResNetModel
@@ -100,32 +76,30 @@ class Method(nn.Module):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
-        self.run: TrainingRun | None = None
 
-    def setup(self, run: TrainingRun) -> None:
-        self.run = run
+    def setup(self, context: SetupContext) -> None:
+        """Load what the method needs from outside its weights; nothing by default."""
+
+    def before_step(self, step: int) -> None:
+        """Before the first forward of optimizer step ``step`` (every step); nothing by default."""
+
+    def after_step(self, step: int) -> None:
+        """After optimizer step ``step`` updated the weights (not after a skipped step); nothing by default."""
+
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        """The networks a step runs that the optimizer does not train, by name: kept in the method's weights and
+        updated by the method itself (a moving average, in ``after_step``), or kept outside them and never changed
+        (a teacher). Every parameter of the method that requires no gradient belongs to one of them."""
+        return {}
 
     def forward(  # type: ignore[override]
-        self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int
+        self, images: torch.Tensor, random: BatchRandom, indices: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         raise NotImplementedError
 
     def describe(self) -> str:
         """The training objective in one line (model cards)."""
         raise NotImplementedError
-
-    def networks(self) -> list[nn.Module]:
-        """Every network a training step calls: the method's own (encoder, heads; module containers opened) and any
-        kept outside its weights (DeACL's teacher). The throughput benchmark times their passes alone."""
-        nets: list[nn.Module] = []
-        for child in self.children():
-            if isinstance(child, nn.ModuleDict):
-                nets.extend(child.values())
-            elif isinstance(child, nn.ModuleList):
-                nets.extend(child)
-            else:
-                nets.append(child)
-        return nets
 
     @property
     def attack_across_processes(self) -> AcrossProcesses:
@@ -139,7 +113,7 @@ class Method(nn.Module):
         self,
         loss_fn: Callable[[torch.Tensor], torch.Tensor],
         x: torch.Tensor,
-        generator: BatchRandom,
+        random: BatchRandom,
         module: nn.Module | None = None,
     ) -> torch.Tensor:
         """PGD on ``loss_fn`` around ``x`` with the recipe's attack, ``module`` (default: the whole method) in the
@@ -158,7 +132,7 @@ class Method(nn.Module):
                 step_size=a.step_size,
                 steps=a.steps,
                 random_start=a.random_start,
-                generator=generator,
+                random=random,
                 clamp_start=a.clamp_start,
             )
 
@@ -167,23 +141,18 @@ class Method(nn.Module):
         """The encoder exports and evaluations take (DynACL may hand over its moving-average copy instead)."""
         return self.encoder
 
-    @property
-    def export_branch(self) -> str | None:
-        """The BN branch the downstream encoder uses: the adversarial one when the method has it."""
-        if not self.bn_branches:
-            return None
-        return "pgd" if "pgd" in self.bn_branches else self.bn_branches[0]
-
     def encoder_record(self) -> EncoderRecord:
         """What every checkpoint records beside the weights (``train_state.json``): the downstream encoder's config,
         where its tensors sit in the method's state dict, the branch exports keep and the card's facts, so that
         export and evaluation read the encoder without building this method."""
         encoder = self.downstream_encoder
         prefix = next(name for name, module in self.named_modules() if module is encoder)
+        branches = self.bn_branches
         return EncoderRecord(
             config=encoder.config.to_diff_dict(),
             weights_prefix=f"{prefix}.",
-            export_branch=self.export_branch,
+            # Exports keep the adversarial branch when the method has one: the robust encoder is the one handed over.
+            export_branch=("pgd" if "pgd" in branches else branches[0]) if branches else None,
             method=MethodCard(
                 name=self.recipe.method.name,
                 display_name=self.display_name,

@@ -23,7 +23,8 @@ from ..errors import UserError
 from ..losses import distillation_loss
 from ..models import RobustCLResNetModel
 from ..recipe import Recipe
-from .base import Method, TrainingRun, encoder_config
+from ..setup_context import SetupContext
+from .base import Method, encoder_config
 from .views import weak_augment
 
 # The architecture keys a student must share with its teacher to start as a copy of it.
@@ -66,19 +67,19 @@ class DeACL(Method):
     @property
     def teacher(self) -> nn.Module:
         if not self._teacher:
-            raise RuntimeError("DeACL.setup(run) must be called before training (it loads the teacher)")
+            raise RuntimeError("DeACL.setup(context) must be called before training (it loads the teacher)")
         return self._teacher[0]
 
-    def networks(self) -> list[nn.Module]:
-        return [*super().networks(), self.teacher]
+    def frozen_networks(self) -> dict[str, nn.Module]:
+        return {"teacher": self._teacher[0]} if self._teacher else {}
 
-    def setup(self, run: TrainingRun) -> None:
-        super().setup(run)
-        teacher = load_encoder(self.opts.teacher, revision=self.opts.teacher_revision).encoder
-        teacher = teacher.to(run.device).eval().requires_grad_(False)
+    def setup(self, context: SetupContext) -> None:
+        reference, revision = self.opts.teacher, self.opts.teacher_revision
+        teacher = context.load_once(lambda: load_encoder(reference, revision=revision).encoder, "loading the teacher")
+        teacher = teacher.to(context.device).eval().requires_grad_(False)
         if self.opts.student_init == "teacher":
             self._copy_teacher(teacher.backbone, self.opts.teacher)
-        probe = torch.zeros(2, 3, self.recipe.data.resolution, self.recipe.data.resolution, device=run.device)
+        probe = torch.zeros(2, 3, self.recipe.data.resolution, self.recipe.data.resolution, device=context.device)
         with torch.no_grad():
             dim = teacher(probe).shape[1]
         if dim != self.encoder.config.hidden_size:
@@ -112,15 +113,15 @@ class DeACL(Method):
             )
         self.encoder.load_state_dict(backbone.state_dict(), strict=True)
 
-    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
-        x = self.augment(images, generator)
+    def forward(self, images: torch.Tensor, random: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
+        x = self.augment(images, random)
         with torch.no_grad():
             target = self.teacher(x)
 
         def away_from_teacher(x_adv: torch.Tensor) -> torch.Tensor:
             return -F.cosine_similarity(self.encoder(x_adv).pooler_output, target, dim=1).sum()
 
-        x_adv = self.attack(away_from_teacher, x, generator, module=self.encoder)
+        x_adv = self.attack(away_from_teacher, x, random, module=self.encoder)
         student, student_adv = self.encoder(torch.cat([x, x_adv])).pooler_output.chunk(2)
         loss = distillation_loss(student, target, student_adv, self.opts.adversarial_weight)
         with torch.no_grad():

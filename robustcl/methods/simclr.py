@@ -53,8 +53,8 @@ class SimCLR(Method):
     def describe(self) -> str:
         return f"SimCLR: NT-Xent of two augmented views (no adversary), temperature {self.temperature:g}"
 
-    def forward(self, images: torch.Tensor, generator: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
-        views = [augment(images, generator) for augment in self.augments]
+    def forward(self, images: torch.Tensor, random: BatchRandom, indices: torch.Tensor, step: int):  # type: ignore[override]
+        views = [augment(images, random) for augment in self.augments]
         if self.bn_per_view:
             z1, z2 = (self.projector(self.encoder(view).pooler_output) for view in views)
         else:

@@ -14,6 +14,8 @@ try:
 except ImportError:  # transformers < 5 spells it PretrainedConfig
     from transformers import PretrainedConfig as PreTrainedConfig
 
+from .resnet import STEM_KERNEL, STEM_PADDING
+
 STEMS = ("cifar", "imagenet")
 # basic: two 3×3 convs (ResNet-18/34); bottleneck: 1×1 → 3×3 (stride here, torchvision v1.5) → 1×1 with 4× output
 # channels (ResNet-50/101); wide_preact: BN-ReLU before each of two 3×3 convs (WideResNets as TRADES/AWP use them).
@@ -22,8 +24,6 @@ BLOCKS = ("basic", "bottleneck", "wide_preact")
 BLOCK_EXPANSION = {"basic": 1, "bottleneck": 4, "wide_preact": 1}
 # A WideResNet's stem has 16 channels whatever its widen factor (Zagoruyko & Komodakis; TRADES, AWP).
 WIDE_STEM_WIDTH = 16
-# Side of each stem's first convolution.
-STEM_KERNEL = {"cifar": 3, "imagenet": 7}
 
 # Sizes are checked here, from the numbers alone, because building the model allocates every tensor first: a
 # config.json or recipe with block_layers [200000, ...] or widths of 1e5 would otherwise hang for minutes growing
@@ -176,9 +176,7 @@ class RobustCLResNetConfig(PreTrainedConfig):
     @property
     def resolved_stem_padding(self) -> int:
         """Stem conv padding, with the stem's default filled in."""
-        if self.stem_padding is not None:
-            return self.stem_padding
-        return 1 if self.stem == "cifar" else 3
+        return STEM_PADDING[self.stem] if self.stem_padding is None else self.stem_padding
 
 
 def _int_list(name: str, values: Any) -> list[int]:
@@ -266,7 +264,6 @@ __all__ = [
     "MAX_PARAMETERS",
     "MAX_STAGES",
     "MAX_WIDTH",
-    "STEM_KERNEL",
     "RobustCLResNetConfig",
     "WIDE_STEM_WIDTH",
     "estimate_parameters",

@@ -13,6 +13,10 @@ from types import TracebackType
 import torch
 from torch import nn
 
+# Each stem's first convolution: its side, and its padding when the config gives none (stem_padding null).
+STEM_KERNEL = {"cifar": 3, "imagenet": 7}
+STEM_PADDING = {"cifar": 1, "imagenet": 3}
+
 
 class MultiBatchNorm(nn.Module):
     """BatchNorm with one independent set of parameters and running statistics per branch.
@@ -307,13 +311,12 @@ class ResNetBackbone(nn.Module):
         self.num_stages = len(widths)
         pre_activation = block == "wide_preact"
         first = stem_width if stem_width is not None else 16 if pre_activation else widths[0]
+        kernel, pad = STEM_KERNEL[stem], STEM_PADDING[stem] if stem_padding is None else stem_padding
         if stem == "cifar":
-            pad = 1 if stem_padding is None else stem_padding
-            self.conv1 = nn.Conv2d(num_channels, first, kernel_size=3, stride=1, padding=pad, bias=False)
+            self.conv1 = nn.Conv2d(num_channels, first, kernel_size=kernel, stride=1, padding=pad, bias=False)
             self.maxpool: nn.Module = nn.Identity()
         else:
-            pad = 3 if stem_padding is None else stem_padding
-            self.conv1 = nn.Conv2d(num_channels, first, kernel_size=7, stride=2, padding=pad, bias=False)
+            self.conv1 = nn.Conv2d(num_channels, first, kernel_size=kernel, stride=2, padding=pad, bias=False)
             self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
         self.bn1 = None if pre_activation else make_batch_norm(first, bn_branches, 2, eps, momentum)
         self.relu = nn.ReLU(inplace=False)

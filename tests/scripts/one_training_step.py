@@ -55,12 +55,12 @@ def main() -> None:
         if b.is_floating_point():
             tensors[f"buffer.{name}"] = b.detach().cpu().clone()  # the second step moves them
 
-    session.optimizer.zero_grad(set_to_none=True)
+    session.optimisation.optimizer.zero_grad(set_to_none=True)
     session.method.recipe.attack.steps = 2
     accumulate_gradients(session, 1)
     if session.accelerator.is_main_process:
         save_file(tensors, out)
-        Path(out).with_suffix(".json").write_text(json.dumps({**calls, "processes": session.plan.processes}))
+        Path(out).with_suffix(".json").write_text(json.dumps({**calls, "processes": session.data.plan.processes}))
     session.accelerator.wait_for_everyone()
     session.accelerator.end_training()
 
