@@ -433,7 +433,7 @@ def recipe_validate(
 ) -> None:
     """Check a recipe: keys, types, ranges and (by default) that the dataset opens and has an image column.
     Exits 0 when valid, 2 with a one-line error otherwise."""
-    from .method_registry import method_class
+    from .methods import method_class
     from .methods.views import original_crop_plan
     from .recipe import load_recipe
 

@@ -14,8 +14,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
-    from .methods.base import Method
-    from .recipe import MethodOptions, Recipe
+    from pydantic import BaseModel
 
 
 class Registered(NamedTuple):
@@ -42,20 +41,11 @@ def default_method() -> str:
     return next(iter(METHODS))
 
 
-def _imported(path: str) -> Any:
+def imported(path: str) -> Any:
     module, _, attribute = path.partition(":")
     return getattr(importlib.import_module(module), attribute)
 
 
-def method_options(name: str) -> type[MethodOptions]:
+def method_options(name: str) -> type[BaseModel]:
     """The options class of the method registered as ``name``. Raises KeyError for a name not registered."""
-    return _imported(METHODS[name].options)
-
-
-def method_class(name: str) -> type[Method]:
-    """The class that trains the method registered as ``name`` (imports the training code)."""
-    return _imported(METHODS[name].method)
-
-
-def build_method(recipe: Recipe) -> Method:
-    return method_class(recipe.method.name)(recipe)
+    return imported(METHODS[name].options)

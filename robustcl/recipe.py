@@ -38,6 +38,7 @@ from .models.configuration_robustcl import (
     estimate_parameters,
 )
 from .models.resnet import STEM_KERNEL, STEM_PADDING
+from .tracker_names import unknown_tracker
 
 
 def _parse_fraction(value: Any) -> Any:
@@ -519,8 +520,6 @@ class LoggingConfig(Section):
     @field_validator("trackers")
     @classmethod
     def _accelerate_trackers(cls, names: list[str]) -> list[str]:
-        from .tracking import unknown_tracker
-
         for name in names:
             problem = unknown_tracker(name)
             if problem:

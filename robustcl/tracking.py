@@ -5,7 +5,6 @@ get the same records at the same steps (``accelerator.log`` in the training loop
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 from pathlib import Path
@@ -23,23 +22,6 @@ if TYPE_CHECKING:
 # param is one string of limited length, so Accelerate drops a whole section): they get the recipe under dotted keys.
 # The others (W&B, …) take it nested, which is how their runs are filtered (config.method.name).
 FLAT_CONFIG = frozenset({"tensorboard", "mlflow"})
-
-
-def tracker_names() -> list[str]:
-    """The trackers logging.trackers may name: Accelerate's registry as installed (it grows with Accelerate)."""
-    from accelerate.tracking import LOGGER_TYPE_TO_CLASS
-
-    return sorted(LOGGER_TYPE_TO_CLASS)
-
-
-def unknown_tracker(name: str) -> str | None:
-    """Why ``name`` is not a tracker, naming the valid ones; None when Accelerate supports it."""
-    valid = tracker_names()
-    if name in valid:
-        return None
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return f"unknown tracker '{name}': {hint}Accelerate supports {', '.join(valid)}"
 
 
 def check_installed(names: list[str]) -> None:

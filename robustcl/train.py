@@ -44,7 +44,7 @@ from .export import export_run
 from .fingerprint import data_changes
 from .json_files import to_json, write_json
 from .locking import folder_lock
-from .method_registry import build_method, method_class
+from .methods import build_method, method_class
 from .methods.base import Method
 from .methods.views import original_crop_plan
 from .model_loading import check_model_size

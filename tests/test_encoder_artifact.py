@@ -19,7 +19,7 @@ import torch
 from helpers import REPO, TINY, call_main, cli_env, with_sets
 from safetensors.torch import load_file
 
-from robustcl.method_registry import build_method
+from robustcl.methods import build_method
 from robustcl.methods.base import Method
 from robustcl.run_dir import latest_checkpoint, read_run_recipe
 from robustcl.run_layout import COMPLETE_MARKER, TRAIN_STATE

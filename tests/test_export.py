@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 
 def _checkpoint_method(run):
-    from robustcl.method_registry import build_method
+    from robustcl.methods import build_method
     from robustcl.run_dir import latest_checkpoint, read_run_recipe
 
     method = build_method(read_run_recipe(run))

@@ -16,7 +16,7 @@ from helpers import REPO
 
 from robustcl.data.images import DecodedImages
 from robustcl.errors import UserError
-from robustcl.method_registry import build_method
+from robustcl.methods import build_method
 from robustcl.recipe import load_recipe
 
 QUICKSTART = REPO / "recipes" / "quickstart.yaml"

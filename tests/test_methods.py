@@ -13,7 +13,8 @@ from robustcl.data.images import DecodedImages
 from robustcl.errors import UserError
 from robustcl.fingerprint import images_fingerprint
 from robustcl.losses import multi_positive_nt_xent, nt_xent
-from robustcl.method_registry import METHODS, build_method, method_class
+from robustcl.method_registry import METHODS
+from robustcl.methods import build_method, method_class
 from robustcl.models import RobustCLResNetModel
 from robustcl.pseudo_labels import PseudoLabels, save_pseudo_labels
 from robustcl.recipe import load_recipe

@@ -19,7 +19,7 @@ pytestmark = pytest.mark.slow
 
 def _encoder_features_from_checkpoint(run_dir, x):
     """Features of the trained encoder as the trainer holds it: checkpoint weights, the 'pgd' BN branch."""
-    from robustcl.method_registry import build_method
+    from robustcl.methods import build_method
     from robustcl.run_dir import latest_checkpoint, read_run_recipe
 
     method = build_method(read_run_recipe(run_dir))

@@ -43,7 +43,7 @@ from torch import nn
 
 from robustcl.data.batches import batch_random, uniform
 from robustcl.data.loading import open_pretraining_split, pretraining_images
-from robustcl.method_registry import build_method
+from robustcl.methods import build_method
 from robustcl.pseudo_labels import PseudoLabels, save_pseudo_labels
 from robustcl.recipe import load_recipe
 from robustcl.train import accumulate_gradients, open_session

@@ -17,7 +17,7 @@ from helpers import REPO, cli_env
 from robustcl.data.batches import EpochBatches, batch_random
 from robustcl.data.images import DecodedImages
 from robustcl.data.placement import DeviceImages, HostImages, choose_placement, image_feed
-from robustcl.method_registry import build_method
+from robustcl.methods import build_method
 from robustcl.recipe import TrainingConfig, load_recipe
 from robustcl.step_profile import count_flops, record_model_passes, replay_passes, step_networks
 from robustcl.train import apply_speed_settings, open_session, train_step
