@@ -239,11 +239,3 @@ def load_model_folder(model_class: Any, folder: Path, fix: str) -> Any:
         return load_pretrained(model_class, folder, config, where=str(folder), fix=fix, damaged_fix=fix)
     except (OSError, ValueError) as err:
         raise UserError(f"cannot load the model: {first_line(err)}", str(folder), fix) from None
-
-
-def load_checkpoint_weights(module: torch.nn.Module, path: Path, fix: str) -> None:
-    """Load a safetensors state dict into ``module``: exactly its keys and shapes, finite values (else a UserError
-    naming ``path``), instead of torch's multi-line RuntimeError."""
-    state = read_safetensors(path, fix)
-    check_state_dict(module, state, str(path), fix)
-    module.load_state_dict(state, strict=True)

@@ -165,16 +165,6 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     "robustcl": _ROBUSTCL,
 }
 
-DESCRIPTIONS = {
-    "robustssl": "the RobustSSL leaderboard (GodXuxilie/RobustSSL_Benchmark vanilla_finetuning.py, its default ACL "
-    "row): augmented, zero head, last epoch kept",
-    "acl": "ACL's train_trades.py (VITA-Group/Adversarial-Contrastive-Learning) for AFF; SLF/ALF as robustssl",
-    "advcl": "AdvCL's finetuning_advCL_SLF.py (LijieFan/AdvCL) for SLF; ALF/AFF as the leaderboard's AdvCL row",
-    "deacl": "DeACL's adv_finetune.py (pantheon5100/DeACL): frozen encoder's BatchNorm in train mode, TRADES ALF",
-    "dynacl": "DynACL's test_LF.py / test_AFF.py (PKU-ML/DYNACL): dual-BN AFF without TRADES random start",
-    "robustcl": "robustcl's own, the honest one: the epoch is picked on a validation split carved from the training "
-    "split, never by looking at the test split",
-}
 
 SOURCES = {
     "robustssl": "GodXuxilie/RobustSSL_Benchmark Finetuning_Methods/Vanilla_Finetuning/vanilla_finetuning.py, utils.py",
