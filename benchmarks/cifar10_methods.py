@@ -6,6 +6,13 @@ evaluation: which of them buys robustness, and at what cost?
   dynacl  recipes/dynacl.yaml  (its 20 augmentation / weight stages squeezed into the short run)
   advcl   recipes/advcl.yaml   (pseudo-labels: k-means on the simclr run's features, computed by the run itself)
   deacl   recipes/deacl.yaml   (stage 2, teacher: the simclr run; its cost excludes the teacher's)
+  acl_air     recipes/acl_air.yaml      (ACL-DS + AIR's two invariance regularisers)
+  dynacl_air  recipes/dynacl_air.yaml   (DynACL as AIR's script runs it + the regularisers; stages as dynacl's)
+  ainfonce    recipes/ainfonce.yaml     (AdvCL with the asymmetric InfoNCE; k-means on the simclr export's features)
+  rocl        recipes/rocl.yaml         (one view attacked against the other, 7 PGD steps)
+  dynacl_plus_plus  recipes/dynacl_plus_plus.yaml  (dynacl's pretraining, then DynACL++'s post-pretraining stage:
+                    k-means pseudo-labels, 1 epoch of linear probing, 1 epoch of TRADES finetuning (the authors'
+                    10 + 25 would take hours on a CPU); its pretraining time excludes the stage's)
 
 Each recipe keeps its own method, views, attack, normalisation and optimiser; all share the encoder (a ResNet with
 one basic block per stage, widths 16–128), the budget (--steps optimizer steps of 128 images) and a warm-up of
@@ -38,14 +45,22 @@ COMMON = [
     "training.checkpoint_every=100",
     "logging.every_steps=20",
 ]
-METHODS = ["simclr", "acl", "dynacl", "advcl", "deacl"]  # simclr first: advcl and deacl build on it
+# simclr first: advcl, deacl and ainfonce build on it
+METHODS = ["simclr", "acl", "dynacl", "advcl", "deacl", "acl_air", "dynacl_air", "ainfonce", "rocl", "dynacl_plus_plus"]
+# DynACL++'s stage at this budget: one epoch of each part, the authors' lr drops (epochs 10, 20 of 25) never reached.
+LPAFT_BUDGET = ["lpaft.lp.epochs=1", "lpaft.aft.epochs=1", "lpaft.aft.milestones=[]"]
 
 
 def _extra(name: str, runs: Path, steps: int, train_images: int) -> list[str]:
-    if name == "dynacl":  # the paper's 20 stages (1000 epochs / 50) over this run's length
-        return [f"method.dynacl.reload_every_epochs={steps * BATCH / train_images / 20:.6g}"]
+    stages = [f"method.dynacl.reload_every_epochs={steps * BATCH / train_images / 20:.6g}"]
+    if name in ("dynacl", "dynacl_air"):  # the paper's 20 stages (1000 epochs / 50) over this run's length
+        return stages
+    if name == "dynacl_plus_plus":
+        return [*stages, *LPAFT_BUDGET]
     if name == "advcl":
         return [f"method.advcl.cluster_encoder={runs / 'simclr'}"]
+    if name == "ainfonce":  # the export: the simclr run directory of an earlier robustcl version has no encoder record
+        return [f"method.advcl.cluster_encoder={runs / 'simclr' / 'encoder'}"]
     if name == "deacl":
         return [f"method.deacl.teacher={runs / 'simclr'}"]
     return []

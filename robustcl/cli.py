@@ -14,7 +14,8 @@ import typer
 from .errors import UserError
 
 app = typer.Typer(
-    help="Self-supervised adversarial pre-training of robust image encoders (ACL, AdvCL, DeACL, DynACL; SimCLR).",
+    help="Self-supervised adversarial pre-training of robust image encoders (ACL, AdvCL, DeACL, DynACL and "
+    "DynACL++, AIR, A-InfoNCE, RoCL; SimCLR).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -354,6 +355,41 @@ def cluster(
     path = save_pseudo_labels(target, labels)
     sizes = ", ".join(f"K={k}: {int(v.bincount().count_nonzero())} clusters" for k, v in labels.labels.items())
     typer.echo(f"robustcl: pseudo-labels of {len(images)} images ({sizes}) written to {path}")
+
+
+@app.command()
+def lpaft(
+    run_dir: Annotated[
+        Path, typer.Argument(help="A finished run directory of robustcl pretrain (DynACL, DynACL-AIR or any method).")
+    ],
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set",
+            metavar="KEY=VALUE",
+            help="Override one lpaft key (repeatable), e.g. --set lpaft.aft.epochs=10. Default settings: the run "
+            "recipe's lpaft section, else the authors' (robustcl recipe show --describe lists the keys).",
+            show_default=False,
+        ),
+    ] = None,
+) -> None:
+    """DynACL++ (Luo et al., ICLR 2023) on a finished run: k-means pseudo-labels (10 clusters) of the pretraining
+    images from the encoder's 'normal' BN branch, then linear probing (10 epochs, encoder frozen) and TRADES
+    finetuning of encoder and head (25 epochs) on them, without labels, as the authors' assign_label.py and LPAFT.py
+    do. The result, a plain-BN encoder of the 'pgd' branch, goes to RUN_DIR/lpaft/ and is what the run's export,
+    evaluate and push-to-hub hand over from then on; RUN_DIR/encoder is exported again (and evaluated when the
+    recipe's eval.after_pretrain). The pretraining is not changed. A recipe with an lpaft section runs the same stage
+    at the end of robustcl pretrain. Works under `accelerate launch`."""
+    from .lpaft import lpaft_command
+
+    result = lpaft_command(run_dir, set_)
+    if not _is_main_process():
+        return
+    record = result.record
+    done = "ran" if result.ran else "had run already"
+    sizes = ", ".join(str(n) for n in record.cluster_sizes)
+    typer.echo(f"robustcl: DynACL++ {done} on step {record.source_step} of {run_dir} (cluster sizes {sizes})")
+    typer.echo(f"robustcl: encoder ({record.encoder.method.display_name}) exported to {run_dir / 'encoder'}")
 
 
 @app.command("push-to-hub")

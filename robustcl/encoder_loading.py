@@ -24,6 +24,7 @@ from torch import nn
 from .encoder_record import TRAIN_STATE_KEY, EncoderRecord
 from .errors import UserError
 from .export_layout import MODEL_TYPE, WEIGHTS_FILE
+from .lpaft_output import read_lpaft
 from .model_loading import check_model_size, check_state_dict, first_line, load_pretrained, read_safetensors
 from .models import RobustCLResNetConfig, RobustCLResNetModel
 from .recipe import Recipe, load_recipe
@@ -90,8 +91,10 @@ class RunEncoder:
         return single_branch_encoder(self.encoder, branch), branch
 
 
-def load_run(run_dir: Path) -> RunEncoder:
-    """The newest complete checkpoint's encoder, read from its record and its weights, strictly."""
+def load_run(run_dir: Path, post_pretraining: bool = True) -> RunEncoder:
+    """The newest complete checkpoint's encoder, read from its record and its weights, strictly; with
+    ``post_pretraining``, DynACL++'s finetuned encoder in its place when the stage was run on that checkpoint
+    (:mod:`.lpaft_output`: its record, and the run's recipe with the stage's settings)."""
     run_dir = Path(run_dir)
     recipe = read_run_recipe(run_dir)
     if recipe is None:
@@ -107,6 +110,9 @@ def load_run(run_dir: Path) -> RunEncoder:
     compute = {"steps": int(state["step"]), **state.get("compute", {})}
     if "images_seen" not in compute:  # checkpoints written before the compute record existed
         compute = None
+    stage = read_lpaft(run_dir, int(state["step"])) if post_pretraining else None
+    if stage is not None:
+        encoder, record, recipe = stage.encoder, stage.record.encoder, stage.recipe(recipe)
     return RunEncoder(encoder, record, recipe, checkpoint, compute)
 
 

@@ -16,7 +16,11 @@ AcrossProcesses = bool | Literal["share"]
 
 
 def multi_positive_nt_xent(
-    views: Sequence[torch.Tensor], temperature: float, scale: float = 1.0, across_processes: AcrossProcesses = False
+    views: Sequence[torch.Tensor],
+    temperature: float,
+    scale: float = 1.0,
+    across_processes: AcrossProcesses = False,
+    detach_keys: bool = False,
 ) -> torch.Tensor:
     """Contrastive loss over V views of N images (SupCon without labels; SimCLR's NT-Xent when V = 2).
 
@@ -33,6 +37,9 @@ def multi_positive_nt_xent(
     processes' values sum to the global loss, and as the gather's backward sums over processes and nothing
     averages an input gradient afterwards, the gradient w.r.t. this process's rows is exactly the one the global
     loss gives them in one process. False: this process's rows only (attack.negatives: local; no communication).
+
+    ``detach_keys``: the keys carry no gradient, so a feature's gradient comes only through its own anchor row
+    (RoCL's ``pairwise_similarity`` multiplies by a detached transpose).
     """
     shapes = {tuple(v.shape) for v in views}
     if len(views) < 2 or len(shapes) != 1:
@@ -42,9 +49,9 @@ def multi_positive_nt_xent(
     # At least float32 (features come in bf16 under mixed precision); float64 features stay float64.
     local = F.normalize(stacked.to(torch.promote_types(stacked.dtype, torch.float32)), dim=2)  # [V, n, d]
     rank, size = world() if across_processes else (0, 1)
-    keys = local
+    keys = local.detach() if detach_keys else local
     if size > 1:
-        keys = gather_with_grad(local.transpose(0, 1).contiguous()).transpose(0, 1)  # [V, size·n, d]
+        keys = gather_with_grad(keys.transpose(0, 1).contiguous()).transpose(0, 1)  # [V, size·n, d]
     total = keys.shape[1]
     anchors, keys = local.flatten(0, 1), keys.flatten(0, 1)
     logits = anchors @ keys.T / temperature  # [V·n, V·total]

@@ -29,6 +29,10 @@ METHODS: dict[str, Registered] = {
     "advcl": Registered("robustcl.method_options.advcl:AdvCLOptions", "robustcl.methods.advcl:AdvCL"),
     "deacl": Registered("robustcl.method_options.deacl:DeACLOptions", "robustcl.methods.deacl:DeACL"),
     "dynacl": Registered("robustcl.method_options.dynacl:DynACLOptions", "robustcl.methods.dynacl:DynACL"),
+    "ainfonce": Registered("robustcl.method_options.ainfonce:AInfoNCEOptions", "robustcl.methods.ainfonce:AInfoNCE"),
+    "acl_air": Registered("robustcl.method_options.air:ACLAIROptions", "robustcl.methods.air:ACLAIR"),
+    "dynacl_air": Registered("robustcl.method_options.air:DynACLAIROptions", "robustcl.methods.air:DynACLAIR"),
+    "rocl": Registered("robustcl.method_options.rocl:RoCLOptions", "robustcl.methods.rocl:RoCL"),
 }
 
 # The method section of every recipe.yaml written before each method owned its options: all five blocks, and the

@@ -613,6 +613,11 @@ class FinetuneConfig(Section):
     select_attack_steps: int | None = Field(
         None, ge=0, description="PGD steps of robust selection (null: attack_steps; ACL and AdvCL validate with 20)"
     )
+    drop_last: bool = Field(
+        False,
+        description="each epoch leaves out the last, partial batch (a DataLoader's drop_last, as DynACL LPAFT.py "
+        "trains); false: it trains as a smaller batch",
+    )
 
     def encoder_bn_train(self) -> bool:
         """Whether the encoder's BatchNorm runs in train mode (batch statistics) in the training passes."""
@@ -793,6 +798,111 @@ class ExportConfig(Section):
         return value
 
 
+# DynACL++'s two finetunings as PKU-ML/DYNACL LPAFT.py runs them (argument defaults and the optimisers, schedulers and
+# loaders main() builds). Shared: batch 512 (--batch_size), shuffled with drop_last=True, RandomCrop(32, padding=4) +
+# RandomHorizontalFlip (tfs_val), SGD momentum 0.9 and weight decay 1e-4, the pseudo-labels as targets, no validation
+# (every pretraining image trains; the last epoch is kept).
+_LPAFT_SHARED: dict[str, Any] = {
+    "batch_size": 512,
+    "momentum": 0.9,
+    "weight_decay": 1e-4,
+    "gamma": 0.1,
+    "augment": True,
+    "drop_last": True,
+    "select_by": "final",
+    "dual_bn": False,
+}
+LPAFT_DEFAULTS: dict[str, dict[str, Any]] = {
+    # train_head(): --epochs_head 10, optimizer_head = SGD(model.fc, --lr_head 0.01), MultiStepLR(milestones=[]);
+    # the whole model in eval mode, clean CE; the head starts at zero (cvt_state_dict zeroes fc).
+    "lp": {
+        **_LPAFT_SHARED,
+        "epochs": 10,
+        "lr": 0.01,
+        "milestones": [],
+        "train_encoder": False,
+        "bn_mode": "eval",
+        "head_init": "zeros",
+        "train_attack": "none",
+    },
+    # train(): --epochs 25, SGD(model.parameters(), --lr 0.1), MultiStepLR([10, 20], 0.1); utils.py trades_loss with
+    # perturb_steps 10 and its defaults (beta 6.0, epsilon 8/255, step_size 2/255): the KL attack starts at x itself
+    # (no Gaussian), in eval mode; the loss in train mode, CE and KL from one clean pass.
+    "aft": {
+        **_LPAFT_SHARED,
+        "epochs": 25,
+        "lr": 0.1,
+        "milestones": [10, 20],
+        "train_encoder": True,
+        "bn_mode": "train",
+        "train_attack": "trades",
+        "trades_beta": 6.0,
+        "attack_steps": 10,
+        "epsilon": 8 / 255,
+        "step_size": 2 / 255,
+        "trades_random_start": False,
+        "trades_target": "shared",
+    },
+}
+
+
+class LpaftConfig(Section):
+    """DynACL++ (Luo et al., ICLR 2023; PKU-ML/DYNACL assign_label.py, LPAFT.py), run after pretraining: k-means
+    pseudo-labels of the pretraining images from the pretrained encoder's features, then a linear probe on the frozen
+    encoder and TRADES finetuning of encoder and head on them (linear-probing-then-adversarial-finetuning), no true
+    labels. Every lp / aft key not written takes the authors' value (LPAFT_DEFAULTS)."""
+
+    clusters: int = Field(10, ge=2, description="k-means clusters, the pseudo-classes (assign_label.py: [10])")
+    cluster_bn_branch: str = Field(
+        "normal",
+        description="BN branch of a multi-BN encoder whose pooled features are clustered, unnormalised "
+        "(assign_label.py: model.eval()(x, 'normal', return_features=True)); a plain-BN encoder uses its own",
+    )
+    bn_branch: str | None = Field(
+        None,
+        description="BN branch finetuned and handed over as a plain-BN encoder (null: the run's exported one, "
+        "'pgd'; LPAFT.py --bnNameCnt 1: cvt_state_dict loads the adversarial route)",
+    )
+    lp: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(**LPAFT_DEFAULTS["lp"]),
+        description="the linear probe: a head on the frozen encoder (LPAFT.py train_head)",
+    )
+    aft: FinetuneConfig = Field(
+        default_factory=lambda: FinetuneConfig(**LPAFT_DEFAULTS["aft"]),
+        description="the adversarial finetuning of encoder and probed head (LPAFT.py train)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _authors_defaults(cls, data: Any) -> Any:
+        """Every lp / aft key not written takes the authors' value; the written ones stay."""
+        if not isinstance(data, dict):
+            return data
+        filled = dict(data)
+        for stage, defaults in LPAFT_DEFAULTS.items():
+            given = filled.get(stage)
+            if isinstance(given, FinetuneConfig):
+                given = given.model_dump(include=given.model_fields_set)
+            if given is None:
+                given = {}
+            if isinstance(given, dict):
+                filled[stage] = {**defaults, **given}
+        return filled
+
+    @model_validator(mode="after")
+    def _one_plain_encoder(self) -> LpaftConfig:
+        # The stage trains the pseudo-labels' classifier to the end and hands over one plain-BN encoder.
+        if self.lp.train_encoder:
+            raise ValueError("lpaft.lp.train_encoder must be false: the linear probe trains the head alone")
+        for stage in ("lp", "aft"):
+            cfg = getattr(self, stage)
+            if cfg.select_by != "final":
+                raise ValueError(f"lpaft.{stage}.select_by must be final: the stage has no validation split")
+            if cfg.dual_bn:
+                raise ValueError(f"lpaft.{stage}.dual_bn must be false: the stage finetunes one BN branch")
+        return self
+
+
 class Recipe(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
@@ -806,6 +916,11 @@ class Recipe(Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     export: ExportConfig = Field(default_factory=ExportConfig)
+    lpaft: LpaftConfig | None = Field(
+        None,
+        description="DynACL++'s post-pretraining stage (pseudo-labels, linear probe, TRADES finetuning) after "
+        "pretraining; null: none (robustcl lpaft RUN runs it on a finished run)",
+    )
 
     @model_validator(mode="after")
     def _stem_fits_the_images(self) -> Recipe:
@@ -1056,6 +1171,9 @@ def describe_keys() -> str:
                 for registered in METHODS:
                     walk(method_options(registered), f"{path}.", registered)
                 continue
+            sections = [a for a in get_args(ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+            if len(sections) == 1 and type(None) in get_args(ann):  # an optional section (lpaft): its keys
+                ann = sections[0]
             if isinstance(ann, type) and issubclass(ann, BaseModel):
                 walk(ann, f"{path}.", method)
                 continue

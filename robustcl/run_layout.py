@@ -12,6 +12,10 @@ Layout::
     RUN_DIR/logs/                            the trackers' files (TensorBoard, W&B offline, ...)
     RUN_DIR/encoder/                         the export of the newest checkpoint (export_layout lists its files)
     RUN_DIR/pseudo_labels.safetensors        AdvCL's cluster labels of the pretraining images
+    RUN_DIR/lpaft/pseudo_labels.safetensors  DynACL++'s cluster labels of the pretraining images (the same format)
+    RUN_DIR/lpaft/encoder/                   DynACL++'s finetuned plain-BN encoder (model.safetensors) and its record
+                                             (lpaft.json), written as one folder: what export and evaluation hand
+                                             over while it was made from the newest checkpoint
     RUN_DIR/eval/PROTOCOL/eval.json          an evaluation report (evaluation writes it, export ships it), with
     RUN_DIR/eval/PROTOCOL/robustness_curve.png and RUN_DIR/eval/PROTOCOL/classifier/ (the finetuned classifier)
 
@@ -30,6 +34,9 @@ SUMMARY_FILE = "summary.json"
 LOGS_DIR = "logs"
 ENCODER_DIR = "encoder"
 PSEUDO_LABELS_FILE = "pseudo_labels.safetensors"
+LPAFT_DIR = "lpaft"  # RUN_DIR/lpaft/: PSEUDO_LABELS_FILE and LPAFT_ENCODER_DIR
+LPAFT_ENCODER_DIR = "encoder"
+LPAFT_RECORD_FILE = "lpaft.json"
 EVAL_DIR = "eval"
 REPORT_FILE = "eval.json"
 CURVE_FILE = "robustness_curve.png"

@@ -44,6 +44,7 @@ from .export import export_run
 from .fingerprint import data_changes
 from .json_files import to_json, write_json
 from .locking import folder_lock
+from .lpaft import run_lpaft
 from .methods import build_method, method_class
 from .methods.base import Method
 from .methods.views import original_crop_plan
@@ -604,15 +605,19 @@ def _last_logged_loss(path: Path) -> float | None:
 
 
 def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True, allow_data_change: bool = False) -> RunSummary:
-    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), export the encoder, evaluate
-    the export when ``eval.after_pretrain`` (its model card then states the figures) and write ``summary.json``. A
-    run that finished already is left as it is (its summary is returned)."""
+    """Train ``recipe`` into ``run_dir`` (resuming from its newest complete checkpoint), run the ``lpaft`` stage when
+    the recipe has one (DynACL++; skipped when its output for the newest checkpoint is there), export the encoder,
+    evaluate the export when ``eval.after_pretrain`` (its model card then states the figures) and write
+    ``summary.json``. A run that finished already is left as it is (its summary is returned)."""
     try:
         session = open_session(recipe, run_dir, resume, allow_data_change)
     except RunFinished as finished:
         return finished.summary
     try:
         summary = train(session)
+        if recipe.lpaft is not None:  # DynACL++: its encoder is the one exported and evaluated below
+            bars = recipe.logging.progress_bar
+            run_lpaft(session.run_dir, recipe.lpaft, accelerator=session.accelerator, progress=bars)
         export_encoder(session, summary)
         if recipe.eval.after_pretrain:
             summary.evaluation = evaluate_export(session, summary)

@@ -427,3 +427,140 @@ def dynacl_reference(step: Step) -> tuple[torch.Tensor, RefDynACLNet, list]:
     loss = (acl_nt_xent(features) * (2 - weight) + acl_nt_xent(features_adv) * weight) / 2
     loss.backward()
     return loss, net, table
+
+
+# ------------------------------------------------------------------------------------------------------ AdvCL
+
+ADVCL_CLUSTERS = [2, 10, 50, 100, 500]  # the authors' num_classes_list
+ADVCL_RADIUS = 4  # generate_high's r (the authors' 8 at 32 px; half the image size here)
+ADVCL_TEMPERATURE, ADVCL_BASE_TEMPERATURE, ADVCL_CE_WEIGHT = 0.5, 0.07, 0.2
+ADVCL_BRANCHES = ["normal", "pgd", "pgd_ce"]
+
+
+class RefAdvCLNet(nn.Module):
+    """AdvCL's ``resnet_cifar_multibn_ensembleFC.resnet18``: no input normalisation, backbone BN per branch
+    ('normal', 'pgd', 'pgd_ce'); ``head_proj`` = Linear → BatchNorm1d (one, shared) → ReLU → Linear(128) on
+    every branch's features, L2-normalised; ``fc_002`` … ``fc_500`` linear pseudo-label heads. (Its ``head_pred``
+    and ``head_ce`` never reach the loss.)"""
+
+    def __init__(self) -> None:
+        super().__init__()
+        dim = WIDTHS[-1]
+        self.backbone = RefResNet(ADVCL_BRANCHES, [0.0] * 3, [1.0] * 3)
+        self.head_proj = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, 128))
+        for k in ADVCL_CLUSTERS:
+            setattr(self, f"fc_{k:03d}", nn.Linear(dim, k))
+
+    def project(self, x: torch.Tensor, branch: str) -> torch.Tensor:
+        return F.normalize(self.head_proj(self.backbone(x, branch)), dim=1)
+
+    def pseudo_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
+        features = self.backbone(x, "pgd_ce")
+        return [getattr(self, f"fc_{k:03d}")(features) for k in ADVCL_CLUSTERS]
+
+
+def advcl_high_frequency(images: torch.Tensor, radius: float) -> torch.Tensor:
+    """``fr_util.generate_high``: per image-channel FFT, shifted over *every* dimension as the authors call
+    fftshift (the batch-dimension roll cancels in ifftshift), bins at distance < r from (H/2, H/2) zeroed
+    (numpy sqrt per bin), inverse FFT, real part; not clamped."""
+    n, c, h, w = images.shape
+    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
+    low = torch.from_numpy((np.sqrt((rows - h / 2) ** 2 + (cols - h / 2) ** 2) < radius).astype(np.float32))
+    x = images.reshape(n * c, h, w)
+    spectrum = torch.fft.fftshift(torch.fft.fftn(x, dim=(-2, -1))) * (1.0 - low)
+    return torch.real(torch.fft.ifftn(torch.fft.ifftshift(spectrum), dim=(-2, -1))).reshape(n, c, h, w)
+
+
+def advcl_supcon(features: torch.Tensor) -> torch.Tensor:
+    """AdvCL's ``SupConLoss(temperature=0.5)`` without labels, contrast_mode 'all': [bsz, V, d] → view-major
+    anchors; logits = a·b / T less each row's (detached) max; self excluded from the denominator; the other views
+    of the image are the positives; loss = −(T / 0.07) × mean log-probability of the positives, mean over anchors."""
+    bsz, views = features.shape[:2]
+    contrast = torch.cat(torch.unbind(features, dim=1))
+    logits = contrast @ contrast.T / ADVCL_TEMPERATURE
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    not_self = ~torch.eye(views * bsz, dtype=torch.bool)
+    positive = torch.eye(bsz, dtype=torch.bool).repeat(views, views) & not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    mean_positive = (positive * log_prob).sum(1) / positive.sum(1)
+    return (-(ADVCL_TEMPERATURE / ADVCL_BASE_TEMPERATURE) * mean_positive).mean()
+
+
+def advcl_views(net: RefAdvCLNet, x_cl: torch.Tensor, clean) -> torch.Tensor:
+    """[bsz, 4, 128]: x_cl through 'pgd', the clean views (x1, x2, x_hfc) through 'normal' (features[:, 0] adv)."""
+    return torch.stack([net.project(x_cl, "pgd"), *(net.project(v, "normal") for v in clean)], dim=1)
+
+
+def advcl_cross_entropy(net: RefAdvCLNet, x_ce: torch.Tensor, targets, reduction: str) -> torch.Tensor:
+    """Σ_K CE(fc_K(f(x_ce, 'pgd_ce')), y_K) / 5 × 0.2; the attack sums each CE over the batch
+    (``size_average=False``), training averages it."""
+    cross_entropy = sum(F.cross_entropy(lg, y, reduction=reduction) for lg, y in zip(net.pseudo_logits(x_ce), targets))
+    return cross_entropy / len(ADVCL_CLUSTERS) * ADVCL_CE_WEIGHT
+
+
+def advcl_projected(x: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
+    return torch.min(torch.max(x, weak - EPSILON), weak + EPSILON).clamp(0, 1)
+
+
+def advcl_reference(
+    step: Step,
+    labels: dict[int, torch.Tensor],
+    attack_contrastive: Callable[[torch.Tensor], torch.Tensor] = advcl_supcon,
+    train_contrastive: Callable | None = None,
+) -> tuple[torch.Tensor, RefAdvCLNet, list]:
+    """AdvCL's training step (pretraining_advCL.py): ``AttackPGD`` moves x_cl and x_ce together, from x + U(−ε, ε)
+    each, on one loss (contrastive + CE, model in train mode throughout: ``net.train()``), projecting onto the
+    ε-ball around the weak view and [0, 1]; then the same loss with mean CE is trained on. A-InfoNCE's Asym-AdvCL
+    keeps the step and changes the contrastive criteria: ``attack_contrastive(features)`` for the attack and
+    ``train_contrastive(net, features, x_cl, weak)`` for training (default: the attack's)."""
+    table = [("encoder.backbone.", "backbone."), ("projector.fc1.", "head_proj.0."),
+             ("projector.bn1.", "head_proj.1."), ("projector.fc2.", "head_proj.3.")]  # fmt: skip
+    table += [(f"pseudo_heads.k{k}.", f"fc_{k:03d}.") for k in ADVCL_CLUSTERS]
+    net = load_reference(RefAdvCLNet(), step.before, table, ADVCL_BRANCHES)
+    g, m = step.random, step.method
+    x1, x2, weak = m.augment(step.images, g), m.augment(step.images, g), m.weak(step.images, g)
+    x_cl = weak + pgd_start(step.noise(weak))  # x + uniform_(−ε, ε)
+    x_ce = weak + pgd_start(step.noise(weak))
+    clean = (x1, x2, advcl_high_frequency(weak, ADVCL_RADIUS))
+    targets = [labels[k][step.indices] for k in ADVCL_CLUSTERS]
+    net.train()
+    for _ in range(PGD_STEPS):
+        x_cl.requires_grad_(True)
+        x_ce.requires_grad_(True)
+        loss = attack_contrastive(advcl_views(net, x_cl, clean)) + advcl_cross_entropy(net, x_ce, targets, "sum")
+        grad_cl, grad_ce = torch.autograd.grad(loss, [x_cl, x_ce])
+        x_cl = advcl_projected(x_cl.detach() + STEP_SIZE * grad_cl.sign(), weak)
+        x_ce = advcl_projected(x_ce.detach() + STEP_SIZE * grad_ce.sign(), weak)
+    features = advcl_views(net, x_cl, clean)
+    if train_contrastive is None:
+        contrastive = attack_contrastive(features)
+    else:
+        contrastive = train_contrastive(net, features, x_cl, weak)
+    loss = contrastive + advcl_cross_entropy(net, x_ce, targets, "mean")
+    loss.backward()
+    return loss, net, table
+
+
+def advcl_labels(data_dir: Path, tmp_path: Path, sets: list[str]) -> tuple[Path, dict[int, torch.Tensor]]:
+    """A pseudo-label file for the pretraining images as the session loads them (their identity recorded)."""
+    from robustcl.data.loading import open_pretraining_split, pretraining_images
+    from robustcl.pseudo_labels import PseudoLabels, save_pseudo_labels
+
+    recipe = load_recipe(REPO / "recipes" / "advcl.yaml", sets)
+    images = pretraining_images(open_pretraining_split(recipe.data, progress=False), recipe.data, progress=False)
+    g = torch.Generator().manual_seed(5)
+    labels = {k: torch.randint(0, k, (IMAGES,), generator=g) for k in ADVCL_CLUSTERS}
+    path = save_pseudo_labels(tmp_path / "labels.safetensors", PseudoLabels(labels, images.identity(), "x", 0, True))
+    return path, labels
+
+
+def advcl_sets(name: str = "advcl") -> list[str]:
+    """AdvCL's settings in the parity step (method ``name``: advcl, or a method built on it that reads its keys)."""
+    return [
+        f"method.name={name}", f"method.temperature={ADVCL_TEMPERATURE}",
+        f"method.advcl.temperature_scale={ADVCL_TEMPERATURE / ADVCL_BASE_TEMPERATURE!r}",
+        f"method.advcl.ce_weight={ADVCL_CE_WEIGHT}", f"method.advcl.clusters={ADVCL_CLUSTERS}",
+        f"method.advcl.high_frequency_radius={ADVCL_RADIUS}", "method.advcl.projector_dim=128",
+        "method.advcl.cluster_encoder=null", "attack.bn_mode=train", "augment.weak_padding=4",
+        "model.image_mean=[0.0,0.0,0.0]", "model.image_std=[1.0,1.0,1.0]", "model.stem_padding=1",
+    ]  # fmt: skip

@@ -107,6 +107,10 @@ ATTACKED = {
     "advcl": ["method.name=advcl", "method.advcl.clusters=[3,7]", "method.advcl.pseudo_labels=fixed-by-the-worker",
               "attack.bn_mode=train"],
     "dynacl": ["method.name=dynacl"],
+    "dynacl_air": ["method.name=dynacl_air"],  # its KL terms: softmaxes over the whole batch, gathered
+    "ainfonce": ["method.name=ainfonce", "method.advcl.clusters=[3,7]",
+                 "method.advcl.pseudo_labels=fixed-by-the-worker", "attack.bn_mode=train"],  # IP, HN: global rows
+    "rocl": ["method.name=rocl"],  # its regulariser takes the attack's negatives: -local changes it too
 }  # fmt: skip
 
 

@@ -39,7 +39,7 @@ def runs(tmp_path_factory):
 
 
 def _pretrain(recipe, run_dir, *sets):
-    own = ADVCL if recipe == "advcl" else []
+    own = ADVCL if recipe in ("advcl", "ainfonce") else []  # AdvCL's keys: A-InfoNCE reads them too
     res = robustcl("pretrain", f"recipes/{recipe}.yaml", "-o", str(run_dir), *with_sets(*STEPS, *own, *sets))
     assert res.returncode == 0, res.stderr[-4000:]
     return res
@@ -66,7 +66,10 @@ def test_simclr_recipe(simclr):
     assert "non-robust baseline" in card and "| attack during training | none |" in card
 
 
-@pytest.mark.parametrize("recipe, display", [("acl", "ACL"), ("dynacl", "DynACL")])
+@pytest.mark.parametrize(
+    "recipe, display",
+    [("acl", "ACL"), ("dynacl", "DynACL"), ("acl_air", "ACL-AIR"), ("dynacl_air", "DynACL-AIR"), ("rocl", "RoCL")],
+)
 def test_acl_family_recipes(runs, recipe, display):
     _pretrain(recipe, runs / recipe)
     _check_run(runs / recipe, display)
@@ -86,6 +89,15 @@ def test_advcl_recipe_clusters_the_simclr_features_itself(runs, simclr):
     with safe_open(str(runs / "advcl" / "pseudo_labels.safetensors"), framework="pt") as f:
         assert sorted(f.keys()) == ["k10", "k2"] and f.get_tensor("k10").shape == (64,)
         assert f.metadata()["encoder"] == str(simclr)
+
+
+def test_ainfonce_recipe_clusters_the_simclr_features_and_names_its_paper(runs, simclr):
+    _pretrain("ainfonce", runs / "ainfonce", f"method.advcl.cluster_encoder={simclr}")
+    _check_run(runs / "ainfonce", "A-InfoNCE")
+    card = (runs / "ainfonce" / "encoder" / "README.md").read_text()
+    assert "Adversarial Contrastive Learning via Asymmetric InfoNCE" in card and "arxiv.org/abs/2207.08374" in card
+    metrics = [json.loads(line) for line in (runs / "ainfonce" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["stop_degree"] == pytest.approx(0.2)  # IP's base stop degree in the first epochs
 
 
 def test_cluster_command_feeds_advcl_and_refuses_other_images(runs, simclr, tmp_path):

@@ -31,12 +31,12 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from helpers import REPO
 from parity import (
+    ADVCL_BRANCHES,
     CIFAR_MEAN,
     CIFAR_STD,
     DYNACL_EPOCHS,
@@ -47,7 +47,6 @@ from parity import (
     EPSILON,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    IMAGES,
     PGD_STEPS,
     STEP_SIZE,
     TOLERANCE,
@@ -56,6 +55,9 @@ from parity import (
     Step,
     acl_reference,
     acl_sets,
+    advcl_labels,
+    advcl_reference,
+    advcl_sets,
     assert_same_buffers,
     assert_same_step,
     colour_images,
@@ -69,9 +71,7 @@ from parity import (
 )
 from torch import nn
 
-from robustcl.data.loading import open_pretraining_split, pretraining_images
 from robustcl.methods import build_method
-from robustcl.pseudo_labels import PseudoLabels, save_pseudo_labels
 from robustcl.recipe import load_recipe
 
 
@@ -94,126 +94,17 @@ def test_acl_step_equals_the_authors_pgd_contrastive_and_dual_bn_step(tmp_path, 
 
 # ------------------------------------------------------------------------------------------------------ AdvCL
 
-ADVCL_CLUSTERS = [2, 10, 50, 100, 500]  # the authors' num_classes_list
-ADVCL_RADIUS = 4  # generate_high's r (the authors' 8 at 32 px; half the image size here)
-ADVCL_TEMPERATURE, ADVCL_BASE_TEMPERATURE, ADVCL_CE_WEIGHT = 0.5, 0.07, 0.2
-
-
-class RefAdvCLNet(nn.Module):
-    """AdvCL's ``resnet_cifar_multibn_ensembleFC.resnet18``: no input normalisation, backbone BN per branch
-    ('normal', 'pgd', 'pgd_ce'); ``head_proj`` = Linear → BatchNorm1d (one, shared) → ReLU → Linear(128) on
-    every branch's features, L2-normalised; ``fc_002`` … ``fc_500`` linear pseudo-label heads. (Its ``head_pred``
-    and ``head_ce`` never reach the loss.)"""
-
-    def __init__(self) -> None:
-        super().__init__()
-        dim = WIDTHS[-1]
-        self.backbone = RefResNet(["normal", "pgd", "pgd_ce"], [0.0] * 3, [1.0] * 3)
-        self.head_proj = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(), nn.Linear(dim, 128))
-        for k in ADVCL_CLUSTERS:
-            setattr(self, f"fc_{k:03d}", nn.Linear(dim, k))
-
-    def project(self, x: torch.Tensor, branch: str) -> torch.Tensor:
-        return F.normalize(self.head_proj(self.backbone(x, branch)), dim=1)
-
-    def pseudo_logits(self, x: torch.Tensor) -> list[torch.Tensor]:
-        features = self.backbone(x, "pgd_ce")
-        return [getattr(self, f"fc_{k:03d}")(features) for k in ADVCL_CLUSTERS]
-
-
-def _advcl_high_frequency(images: torch.Tensor, radius: float) -> torch.Tensor:
-    """``fr_util.generate_high``: per image-channel FFT, shifted over *every* dimension as the authors call
-    fftshift (the batch-dimension roll cancels in ifftshift), bins at distance < r from (H/2, H/2) zeroed
-    (numpy sqrt per bin), inverse FFT, real part; not clamped."""
-    n, c, h, w = images.shape
-    rows, cols = np.meshgrid(np.arange(h), np.arange(w), indexing="ij")
-    low = torch.from_numpy((np.sqrt((rows - h / 2) ** 2 + (cols - h / 2) ** 2) < radius).astype(np.float32))
-    x = images.reshape(n * c, h, w)
-    spectrum = torch.fft.fftshift(torch.fft.fftn(x, dim=(-2, -1))) * (1.0 - low)
-    return torch.real(torch.fft.ifftn(torch.fft.ifftshift(spectrum), dim=(-2, -1))).reshape(n, c, h, w)
-
-
-def _supcon(features: torch.Tensor) -> torch.Tensor:
-    """AdvCL's ``SupConLoss(temperature=0.5)`` without labels, contrast_mode 'all': [bsz, V, d] → view-major
-    anchors; logits = a·b / T less each row's (detached) max; self excluded from the denominator; the other views
-    of the image are the positives; loss = −(T / 0.07) × mean log-probability of the positives, mean over anchors."""
-    bsz, views = features.shape[:2]
-    contrast = torch.cat(torch.unbind(features, dim=1))
-    logits = contrast @ contrast.T / ADVCL_TEMPERATURE
-    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
-    not_self = ~torch.eye(views * bsz, dtype=torch.bool)
-    positive = torch.eye(bsz, dtype=torch.bool).repeat(views, views) & not_self
-    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
-    mean_positive = (positive * log_prob).sum(1) / positive.sum(1)
-    return (-(ADVCL_TEMPERATURE / ADVCL_BASE_TEMPERATURE) * mean_positive).mean()
-
-
-def _advcl_loss(net, x_cl, x_ce, clean, targets, reduction: str) -> torch.Tensor:
-    """SupCon over [x_cl ('pgd'), x1, x2, x_hfc ('normal')] + 0.2 × Σ_K CE(fc_K(f(x_ce, 'pgd_ce')), y_K) / 5; the
-    attack sums each CE over the batch (``size_average=False``), training averages it."""
-    views = [net.project(x_cl, "pgd"), *(net.project(v, "normal") for v in clean)]
-    cross_entropy = sum(F.cross_entropy(lg, y, reduction=reduction) for lg, y in zip(net.pseudo_logits(x_ce), targets))
-    return _supcon(torch.stack(views, dim=1)) + cross_entropy / len(ADVCL_CLUSTERS) * ADVCL_CE_WEIGHT
-
-
-def _advcl_projected(x: torch.Tensor, weak: torch.Tensor) -> torch.Tensor:
-    return torch.min(torch.max(x, weak - EPSILON), weak + EPSILON).clamp(0, 1)
-
-
-def _advcl_reference(step: Step, labels: dict[int, torch.Tensor]) -> tuple[torch.Tensor, RefAdvCLNet, list]:
-    """AdvCL's training step (pretraining_advCL.py): ``AttackPGD`` moves x_cl and x_ce together, from x + U(−ε, ε)
-    each, on one loss (contrastive + CE, model in train mode throughout: ``net.train()``), projecting onto the
-    ε-ball around the weak view and [0, 1]; then the same loss with mean CE is trained on."""
-    table = [("encoder.backbone.", "backbone."), ("projector.fc1.", "head_proj.0."),
-             ("projector.bn1.", "head_proj.1."), ("projector.fc2.", "head_proj.3.")]  # fmt: skip
-    table += [(f"pseudo_heads.k{k}.", f"fc_{k:03d}.") for k in ADVCL_CLUSTERS]
-    branches = ["normal", "pgd", "pgd_ce"]
-    net = load_reference(RefAdvCLNet(), step.before, table, branches)
-    g, m = step.random, step.method
-    x1, x2, weak = m.augment(step.images, g), m.augment(step.images, g), m.weak(step.images, g)
-    x_cl = weak + pgd_start(step.noise(weak))  # x + uniform_(−ε, ε)
-    x_ce = weak + pgd_start(step.noise(weak))
-    clean = (x1, x2, _advcl_high_frequency(weak, ADVCL_RADIUS))
-    targets = [labels[k][step.indices] for k in ADVCL_CLUSTERS]
-    net.train()
-    for _ in range(PGD_STEPS):
-        x_cl.requires_grad_(True)
-        x_ce.requires_grad_(True)
-        grad_cl, grad_ce = torch.autograd.grad(_advcl_loss(net, x_cl, x_ce, clean, targets, "sum"), [x_cl, x_ce])
-        x_cl = _advcl_projected(x_cl.detach() + STEP_SIZE * grad_cl.sign(), weak)
-        x_ce = _advcl_projected(x_ce.detach() + STEP_SIZE * grad_ce.sign(), weak)
-    loss = _advcl_loss(net, x_cl, x_ce, clean, targets, "mean")
-    loss.backward()
-    return loss, net, table
-
-
-def _advcl_labels(data_dir: Path, tmp_path: Path, sets: list[str]) -> tuple[Path, dict[int, torch.Tensor]]:
-    """A pseudo-label file for the pretraining images as the session loads them (their identity recorded)."""
-    recipe = load_recipe(REPO / "recipes" / "advcl.yaml", sets)
-    images = pretraining_images(open_pretraining_split(recipe.data, progress=False), recipe.data, progress=False)
-    g = torch.Generator().manual_seed(5)
-    labels = {k: torch.randint(0, k, (IMAGES,), generator=g) for k in ADVCL_CLUSTERS}
-    path = save_pseudo_labels(tmp_path / "labels.safetensors", PseudoLabels(labels, images.identity(), "x", 0, True))
-    return path, labels
-
 
 def test_advcl_step_equals_the_authors_joint_attack_and_supcon_step(tmp_path, data_dir):
     """AdvCL: same loss and gradients as LijieFan/AdvCL's step: four views with the high-frequency one, SupCon
     scaled by T/0.07, mean pseudo-label CE × 0.2, and the attack's two adversarial views from x + U(−ε, ε) with
     BN in train mode. (BN running statistics are not compared: the authors recompute the clean views at every
     PGD step, robustcl once; the values the step uses are the same.)"""
-    sets = [
-        *common(data_dir), "method.name=advcl", f"method.temperature={ADVCL_TEMPERATURE}",
-        f"method.advcl.temperature_scale={ADVCL_TEMPERATURE / ADVCL_BASE_TEMPERATURE!r}",
-        f"method.advcl.ce_weight={ADVCL_CE_WEIGHT}", f"method.advcl.clusters={ADVCL_CLUSTERS}",
-        f"method.advcl.high_frequency_radius={ADVCL_RADIUS}", "method.advcl.projector_dim=128",
-        "method.advcl.cluster_encoder=null", "attack.bn_mode=train", "augment.weak_padding=4",
-        "model.image_mean=[0.0,0.0,0.0]", "model.image_std=[1.0,1.0,1.0]", "model.stem_padding=1",
-    ]  # fmt: skip
-    path, labels = _advcl_labels(data_dir, tmp_path, sets)
+    sets = [*common(data_dir), *advcl_sets()]
+    path, labels = advcl_labels(data_dir, tmp_path, sets)
     step = Step(tmp_path, "advcl.yaml", [*sets, f"method.advcl.pseudo_labels={path}"], step=1)
-    loss, net, table = _advcl_reference(step, labels)
-    assert_same_step(step, loss, net, table, ["normal", "pgd", "pgd_ce"])
+    loss, net, table = advcl_reference(step, labels)
+    assert_same_step(step, loss, net, table, ADVCL_BRANCHES)
 
 
 # ------------------------------------------------------------------------------------------------------ DeACL

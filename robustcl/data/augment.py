@@ -106,7 +106,7 @@ class WeakAugmentParams:
 # input conversion
 
 
-def _to_float_rgb(images: Tensor) -> Tensor:
+def to_float_rgb(images: Tensor) -> Tensor:
     """uint8 [0,255] or float [0,1] ``[N,C,H,W]`` with C in {1,3} -> float32 ``[N,3,H,W]`` in [0,1]."""
     if not isinstance(images, Tensor) or images.dim() != 4:
         shape = tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__
@@ -427,7 +427,7 @@ class SimCLRAugment:
         """
         p = self.params
         cropped = isinstance(images, CroppedViews)
-        x = _to_float_rgb(images.next() if cropped else images)
+        x = to_float_rgb(images.next() if cropped else images)
         device = x.device
         _check_generator(generator, device)
         n, _, height, width = x.shape
@@ -481,7 +481,7 @@ class WeakAugment:
     def __call__(self, images: Tensor, generator: RandomSource) -> Tensor:
         """images: uint8 [N,C,H,W] (or float in [0,1]); returns float32 [N,3,size,size] in [0,1]."""
         p = self.params
-        x = _to_float_rgb(images)
+        x = to_float_rgb(images)
         device = x.device
         _check_generator(generator, device)
         n, c, height, width = x.shape

@@ -310,7 +310,13 @@ def _check_shares(n: int, cfg: FinetuneConfig, key: str) -> None:
     """BatchNorm in train mode (AFF, bn_mode train) gathers statistics from every process at every training forward:
     each needs rows."""
     _, size = world()
-    last = n % cfg.batch_size
+    if cfg.drop_last and n < cfg.batch_size:
+        raise UserError(
+            f"{n} training images make no full batch of {cfg.batch_size}, and {key}.drop_last leaves out partial ones",
+            f"{key}.batch_size",
+            f"choose a batch size of at most {n}, or set {key}.drop_last: false",
+        )
+    last = 0 if cfg.drop_last else n % cfg.batch_size
     smallest = min(cfg.batch_size, n) if last == 0 else last
     if cfg.encoder_bn_train() and smallest < size:
         raise UserError(
@@ -344,6 +350,7 @@ def finetune(
     workers: int = 0,
     key: str = "eval.finetune",
     clean_bn: nn.Module | None = None,
+    head: nn.Linear | None = None,
 ) -> FinetuneResult:
     """Train a linear head (and the encoder when ``cfg.train_encoder``) by SGD with a step schedule; keep the
     weights of the last epoch (``select_by`` final: ``val`` is not used) or of the epoch with the best validation
@@ -351,14 +358,17 @@ def finetune(
 
     Under several processes (a torch.distributed group) they share the work and train the same weights; ``workers``
     decode streamed images; ``key`` names the protocol's recipe section in errors; ``clean_bn``, a model laid out
-    as ``encoder``, starts the clean BatchNorm branch of ``dual_bn``."""
+    as ``encoder``, starts the clean BatchNorm branch of ``dual_bn``; ``head``, a trained head, is trained on (DynACL++
+    carries its linear probe's head into the finetuning) in place of a new one."""
     _check_shares(len(train), cfg, key)
     torch.manual_seed(seed)
     encoder = encoder.to(device)
     _prepare_batchnorm(encoder, cfg, clean_bn)
     cached = _cached_features(encoder, train, val, cfg, device, workers, progress)
     features = cached.train if cached is not None else None
-    head = _new_head(_feature_dim(encoder, train.images, features, device), num_classes, cfg, device)
+    if head is None:
+        head = _new_head(_feature_dim(encoder, train.images, features, device), num_classes, cfg, device)
+    head = head.to(device)
     model = Classifier(encoder, head, frozen=not cfg.train_encoder, bn_train=cfg.encoder_bn_train())
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
@@ -449,6 +459,8 @@ class _Finetuning:
         """One epoch in a new random order, then the schedule's step; returns the mean training loss."""
         self.model.train()
         batches = torch.randperm(len(self.train), generator=self.order).split(self.cfg.batch_size)
+        if self.cfg.drop_last and len(batches[-1]) < self.cfg.batch_size:
+            batches = batches[:-1]
         if self.cached is not None:
             head, features, own = self.model.head, self.cached.train, self.cached.own
             total = _feature_epoch(
@@ -460,7 +472,7 @@ class _Finetuning:
             )
             total = run.run(self.train, batches, self.workers)
         summed = sum_over_processes(torch.tensor([total], dtype=torch.float64, device=self.device))
-        train_loss = float(summed) / len(self.train)
+        train_loss = float(summed) / sum(len(index) for index in batches)
         self.scheduler.step()
         return train_loss
 

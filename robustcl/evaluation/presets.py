@@ -36,6 +36,8 @@ _SHARED: dict[str, Any] = {
     "trades_target": "shared",
     "dual_bn": False,
     "select_attack_steps": None,
+    # Their finetuning loaders keep the last partial batch (no drop_last; DynACL's LPAFT.py is the one that drops it).
+    "drop_last": False,
 }
 _FROZEN = {"train_encoder": False, "bn_mode": "eval"}
 _SLF = {**_FROZEN, "train_attack": "none"}

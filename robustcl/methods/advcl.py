@@ -120,6 +120,18 @@ class AdvCL(Method):
             [z_adv, *clean], self.temperature, self.opts.temperature_scale, across_processes=across_processes
         )
 
+    def attack_contrastive_loss(
+        self, z_adv: torch.Tensor, clean: list[torch.Tensor], across_processes: AcrossProcesses
+    ) -> torch.Tensor:
+        """The contrastive loss x_cl ascends (a subclass may attack another one than it trains on)."""
+        return self.contrastive_loss(z_adv, clean, across_processes)
+
+    def training_contrastive_loss(
+        self, x_cl: torch.Tensor, weak: torch.Tensor, clean: list[torch.Tensor], step: int
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The contrastive loss trained on and its extra metrics, from the attacked and the clean weak view."""
+        return self.contrastive_loss(self.embed(x_cl, "pgd"), clean, across_processes=True), {}
+
     def pseudo_label_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         features = self.encoder(x, bn_branch="pgd_ce").pooler_output
         losses = [F.cross_entropy(head(features), t) for head, t in zip(self.pseudo_heads.values(), targets)]
@@ -142,10 +154,11 @@ class AdvCL(Method):
             with torch.no_grad(), module_mode(self, train=attack_in_train_mode):
                 clean_const = [self.embed(v, "normal") for v in clean_views]
         across = self.attack_across_processes
-        x_cl = self.attack(lambda x: self.contrastive_loss(self.embed(x, "pgd"), clean_const, across), weak, random)
+        contrastive = self.attack_contrastive_loss
+        x_cl = self.attack(lambda x: contrastive(self.embed(x, "pgd"), clean_const, across), weak, random)
         x_ce = self.attack(lambda x: self.pseudo_label_loss(x, targets), weak, random)
 
-        loss_cl = self.contrastive_loss(self.embed(x_cl, "pgd"), clean, across_processes=True)
+        loss_cl, extra = self.training_contrastive_loss(x_cl, weak, clean, step)
         loss_ce = self.pseudo_label_loss(x_ce, targets)
         loss = loss_cl + self.opts.ce_weight * loss_ce
-        return loss, {"loss_contrastive": loss_cl.detach(), "loss_pseudo_label": loss_ce.detach()}
+        return loss, {"loss_contrastive": loss_cl.detach(), "loss_pseudo_label": loss_ce.detach(), **extra}
