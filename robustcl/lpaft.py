@@ -37,7 +37,7 @@ from .data.loading import open_pretraining_split, pretraining_images
 from .data.streamed import default_workers
 from .distributed import check_world_size, node_main_first, on_main_process, processes_on_node
 from .encoder_loading import FeatureEncoder, RunEncoder, load_run
-from .encoder_record import EncoderRecord, MethodCard, Paper
+from .encoder_record import EncoderRecord, MethodCard
 from .errors import UserError
 from .evaluation.finetune import FinetuneResult, LabelledImages, finetune
 from .fingerprint import weights_sha256
@@ -45,6 +45,7 @@ from .json_files import write_json
 from .kmeans import OneProcess, ProcessGroup, kmeans
 from .locking import folder_lock
 from .lpaft_output import LpaftRecord, read_lpaft_record, write_lpaft
+from .method_options.dynacl import DYNACL_PAPER
 from .models import RobustCLResNetModel
 from .pseudo_labels import PseudoLabels, load_pseudo_labels, save_pseudo_labels
 from .recipe import FinetuneConfig, LpaftConfig, Recipe, override_recipe, parse_override
@@ -52,12 +53,6 @@ from .run_dir import checkpoint_step, read_run_recipe
 from .run_layout import ENCODER_DIR, LPAFT_DIR, PSEUDO_LABELS_FILE, SUMMARY_FILE
 from .setup_context import encode_block
 
-PAPER = Paper(
-    title="Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning",
-    authors="Luo et al.",
-    venue="ICLR 2023",
-    url="https://arxiv.org/abs/2303.01289",
-)
 # k-means runs until no label changes (tol 0: the centres' movement is not a criterion); the cap only guards
 # against a cycle, which Lloyd iterations on float64 sums do not reach in practice.
 KMEANS_MAX_ITER = 1000
@@ -185,7 +180,7 @@ def stage_method_card(base: MethodCard, section: LpaftConfig, branch: str | None
         + (f" on the '{branch}' branch" if branch else "")
     )
     display = f"{base.display_name}++"
-    return MethodCard(name=base.name, display_name=display, paper=PAPER, objective=objective, adversarial=True)
+    return MethodCard(name=base.name, display_name=display, paper=DYNACL_PAPER, objective=objective, adversarial=True)
 
 
 def stage_done(run_dir: Path, step: int, section: LpaftConfig, seed: int) -> LpaftRecord | None:

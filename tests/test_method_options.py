@@ -105,6 +105,10 @@ def test_an_unknown_method_is_refused_naming_every_registered_one(tiny_registere
         ("advcl", {"name", "temperature", "advcl"}),
         ("deacl", {"name", "deacl"}),
         ("dynacl", {"name", "temperature", "acl", "dynacl"}),
+        ("acl_air", {"name", "temperature", "acl", "air"}),
+        ("dynacl_air", {"name", "temperature", "acl", "dynacl", "air"}),
+        ("ainfonce", {"name", "temperature", "advcl", "ainfonce"}),
+        ("rocl", {"name", "temperature", "rocl"}),
     ],
 )
 def test_a_resolved_recipe_holds_only_what_its_method_reads(recipe: str, blocks: set[str]):

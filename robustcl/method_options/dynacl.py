@@ -7,8 +7,17 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
+from ..encoder_record import Paper
 from ..recipe import Recipe, Section
 from .acl import ACLOptions
+
+# DynACL's and DynACL++'s (the post-pretraining stage, robustcl/lpaft.py) paper.
+DYNACL_PAPER = Paper(
+    title="Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning",
+    authors="Luo et al.",
+    venue="ICLR 2023",
+    url="https://arxiv.org/abs/2303.01289",
+)
 
 
 class DynACLSection(Section):

@@ -25,8 +25,8 @@ from torch import nn
 
 from ..data.augment import SimCLRAugment
 from ..data.batches import BatchRandom
-from ..encoder_record import Paper
 from ..losses import AcrossProcesses, nt_xent
+from ..method_options.dynacl import DYNACL_PAPER
 from ..models import RobustCLResNetModel
 from ..recipe import Recipe
 from ..setup_context import SetupContext
@@ -37,12 +37,7 @@ from .views import simclr_augment
 class DynACL(ACL):
     display_name = "DynACL"
     original_crops = 0  # its crop's area range is annealed with the epoch, which the data workers do not follow
-    paper = Paper(
-        title="Rethinking the Effect of Data Augmentation in Adversarial Contrastive Learning",
-        authors="Luo et al.",
-        venue="ICLR 2023",
-        url="https://arxiv.org/abs/2303.01289",
-    )
+    paper = DYNACL_PAPER
 
     def __init__(self, recipe: Recipe) -> None:
         super().__init__(recipe)
