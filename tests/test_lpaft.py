@@ -5,10 +5,12 @@ finetuning option the stage added (drop_last) and the recipes' relation to their
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 import torch
-from helpers import call_main, user_error, with_sets
+from helpers import BIN, REPO, call_main, cli_env, user_error, with_sets
 from parity import reset_accelerate
 from safetensors import safe_open
 from safetensors.torch import load_file
@@ -155,3 +157,47 @@ def test_drop_last_trains_only_full_batches(monkeypatch):
     cfg = FinetuneConfig(epochs=1, batch_size=16, select_by="final", drop_last=True)
     message = user_error(ft.finetune, encoder, data, data, 3, cfg, device=torch.device("cpu"), seed=0)
     assert "no full batch" in message
+
+
+def _launched_lpaft(run, processes: int) -> None:
+    """``robustcl lpaft RUN`` under ``accelerate launch`` with 1 or 2 gloo processes."""
+    fixed = [
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
+    launch = [*(["--multi_gpu"] if processes > 1 else []), *fixed]
+    env = {"OMP_NUM_THREADS": "1", **({"ACCELERATE_USE_CPU": "true"} if processes > 1 else {})}
+    # No training attack: PGD's sign steps turn float32 reduction-order noise into a drift (see test_evaluate_sharded)
+    stage = [*STAGE, "lpaft.aft.attack_steps=0", "lpaft.lp.batch_size=32", "lpaft.aft.batch_size=32"]
+    cmd = [str(BIN / "accelerate"), "launch", *launch, "robustcl", "lpaft", str(run), *with_sets(*stage)]
+    res = subprocess.run(cmd, cwd=REPO, env=cli_env(**env), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_pseudo_labels_and_encoder_of_one(command, tmp_path):
+    """The stage shared between 2 processes (features of disjoint blocks for k-means, every finetuning batch split)
+    gives one process's pseudo-labels exactly and its finetuned encoder up to float32 reduction order."""
+    finished, _, _ = command
+    runs = {}
+    for processes in (1, 2):
+        runs[processes] = tmp_path / f"p{processes}"
+        shutil.copytree(finished, runs[processes], ignore=shutil.ignore_patterns("lpaft", "encoder"))
+        _launched_lpaft(runs[processes], processes)
+    labels = [load_file(str(runs[p] / "lpaft" / "pseudo_labels.safetensors"))["k10"] for p in (1, 2)]
+    assert torch.equal(*labels) and len(labels[0].unique()) > 1
+    one, two = (_weights(runs[p] / "lpaft" / "encoder") for p in (1, 2))
+    assert one.keys() == two.keys()
+    pretrained = load_run(finished, post_pretraining=False).single_branch("pgd")[0].state_dict()
+    assert pretrained.keys() >= one.keys()
+    moved = max((one[k] - pretrained[k]).abs().max().item() for k in one if one[k].is_floating_point())
+    assert moved > 1e-3  # the finetuning changed the encoder: the two agree by computing, not by doing nothing
+    for name in one:
+        difference = (one[name] - two[name]).abs().max().item()
+        assert difference <= 1e-5, (name, difference)  # measured: ~1e-8
