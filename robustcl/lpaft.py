@@ -42,12 +42,12 @@ from .errors import UserError
 from .evaluation.finetune import FinetuneResult, LabelledImages, finetune
 from .fingerprint import weights_sha256
 from .json_files import write_json
-from .kmeans import OneProcess, ProcessGroup, kmeans
+from .kmeans import OneProcess, ProcessGroup
 from .locking import folder_lock
 from .lpaft_output import LpaftRecord, read_lpaft_record, write_lpaft
 from .method_options.dynacl import DYNACL_PAPER
 from .models import RobustCLResNetModel
-from .pseudo_labels import PseudoLabels, load_pseudo_labels, save_pseudo_labels
+from .pseudo_labels import PseudoLabels, cluster_labels, load_pseudo_labels, save_pseudo_labels
 from .recipe import FinetuneConfig, LpaftConfig, Recipe, override_recipe, parse_override
 from .run_dir import checkpoint_step, read_run_recipe
 from .run_layout import ENCODER_DIR, LPAFT_DIR, PSEUDO_LABELS_FILE, SUMMARY_FILE
@@ -90,8 +90,10 @@ def cluster_pseudo_labels(
         lambda: encode_block(FeatureEncoder(encoder), images, device, collectives, progress=progress),
         "encoding the pretraining images",
     )
-    found = kmeans(features.rows, clusters, seed=seed, max_iter=KMEANS_MAX_ITER, tol=0.0, group=collectives)
-    return features.gather(found.labels).cpu()
+    found = cluster_labels(
+        features, [clusters], seed=seed, normalize=False, progress=False, max_iter=KMEANS_MAX_ITER, tol=0.0
+    )
+    return found[clusters]
 
 
 def _labels_source(checkpoint: Path, branch: str | None, encoder: RobustCLResNetModel) -> str:

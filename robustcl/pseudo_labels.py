@@ -41,14 +41,22 @@ def check_cluster_counts(clusters: Sequence[int], images: int) -> None:
 
 
 def cluster_labels(
-    features: RowBlock, clusters: Sequence[int], *, seed: int = 0, normalize: bool = True, progress: bool = True
+    features: RowBlock,
+    clusters: Sequence[int],
+    *,
+    seed: int = 0,
+    normalize: bool = True,
+    progress: bool = True,
+    max_iter: int = 100,
+    tol: float = 1e-4,
 ) -> dict[int, torch.Tensor]:
     """k-means labels (int64, host) of the feature rows for every K, in dataset order on every process: the blocks
-    of all processes are clustered together (k-means combines per-block sums), L2-normalised when ``normalize``."""
+    of all processes are clustered together (k-means combines per-block sums), L2-normalised when ``normalize``;
+    ``max_iter`` and ``tol`` are k-means' stopping rule (:func:`~robustcl.kmeans.kmeans`)."""
     rows = torch.nn.functional.normalize(features.rows, dim=1) if normalize else features.rows
     labels = {}
     for k in tqdm(list(clusters), desc="k-means", unit="K", disable=not progress):
-        found = kmeans(rows, int(k), seed=seed, group=features.collectives).labels
+        found = kmeans(rows, int(k), seed=seed, max_iter=max_iter, tol=tol, group=features.collectives).labels
         labels[int(k)] = features.gather(found).cpu()
     return labels
 

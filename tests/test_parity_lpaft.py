@@ -34,7 +34,7 @@ from parity import (
 from torch import nn
 
 import robustcl.evaluation.finetune as finetune_module
-import robustcl.lpaft as lpaft_module
+import robustcl.pseudo_labels as pseudo_labels_module
 from robustcl.data.images import DecodedImages
 from robustcl.encoder_loading import FeatureEncoder
 from robustcl.evaluation.finetune import LabelledImages, finetune
@@ -210,13 +210,13 @@ def test_pseudo_labels_cluster_the_features_assign_label_uses(monkeypatch):
     dual = dual_encoder()
     images = torch.randint(0, 256, (40, 3, RES, RES), generator=torch.Generator().manual_seed(2), dtype=torch.uint8)
     clustered = {}
-    real = lpaft_module.kmeans
+    real = pseudo_labels_module.kmeans  # the clustering of every pseudo-label path
 
     def kmeans(rows, k, **kwargs):
         clustered["rows"] = rows.clone()
         return real(rows, k, **kwargs)
 
-    monkeypatch.setattr(lpaft_module, "kmeans", kmeans)
+    monkeypatch.setattr(pseudo_labels_module, "kmeans", kmeans)
     encoder = plain_branch(dual, "normal", "lpaft.cluster_bn_branch")
     labels = cluster_pseudo_labels(encoder, DecodedImages(images), K, 0, CPU, OneProcess(), progress=False)
     reference = load_reference(RefResNet(BRANCHES, IMAGENET_MEAN, IMAGENET_STD), dual.state_dict(), [("backbone.", "")],
