@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 import torch
-from helpers import BIN, REPO, call_main, cli_env, with_sets
+from helpers import BIN, REPO, call_main, cli_env, end_spawned_worker, with_sets
 from safetensors import safe_open
 
 import robustcl.kmeans as km
@@ -62,6 +62,7 @@ def _sharded_worker(rank: int, init_file: str, out: str) -> None:
     else:
         torch.save({"error": results.get("error")}, out + ".1")
     dist.destroy_process_group()
+    end_spawned_worker()
 
 
 def test_shard_range_splits_rows_into_contiguous_blocks():
@@ -77,7 +78,7 @@ def test_two_gloo_processes_cluster_like_one_and_share_a_failure(tmp_path, monke
     labels of one process exactly and its centroids to 1e-5; and a failure on one process reaches both."""
     out = tmp_path / "sharded.pt"
     torch.multiprocessing.spawn(_sharded_worker, args=(str(tmp_path / "init"), str(out)), nprocs=2)
-    two = torch.load(out)
+    two = torch.load(out, weights_only=True)
 
     emptied = []
     original = km._fill_empty
@@ -93,7 +94,7 @@ def test_two_gloo_processes_cluster_like_one_and_share_a_failure(tmp_path, monke
 
     message = "image 7 cannot be decoded (data.path) — repair the file"
     assert two["error"] == (message, 2)
-    assert torch.load(str(out) + ".1")["error"] == (message, 2)
+    assert torch.load(str(out) + ".1", weights_only=True)["error"] == (message, 2)
 
 
 # A tiny AdvCL run on the embedded digits (1,437 images): one optimizer step after the clustering.

@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from helpers import end_spawned_worker
 from torch import nn
 
 from robustcl.collectives import SyncBatchNorm, convert_sync_batchnorm, gather_with_grad
@@ -72,6 +73,7 @@ def _worker(rank: int, world: int, store: str, out_dir: str) -> None:
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
+    end_spawned_worker()
 
 
 def test_two_processes_equal_one_with_the_whole_batch(tmp_path):

@@ -341,7 +341,7 @@ def test_remote_code_round_trip_in_fresh_process(tmp_path):
         import torch
         from transformers import AutoModel
 
-        x = torch.load("x.pt")
+        x = torch.load("x.pt", weights_only=True)
         dual = AutoModel.from_pretrained("dual", trust_remote_code=True).eval()
         single = AutoModel.from_pretrained("single", trust_remote_code=True).eval()
         assert type(dual).__module__.startswith("transformers_modules"), type(dual).__module__
@@ -360,7 +360,7 @@ def test_remote_code_round_trip_in_fresh_process(tmp_path):
         [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    out = torch.load(Path(tmp_path) / "out.pt")
+    out = torch.load(Path(tmp_path) / "out.pt", weights_only=True)
     torch.testing.assert_close(out["dual"], expected, rtol=0, atol=1e-5)
     torch.testing.assert_close(out["single"], expected, rtol=0, atol=1e-5)
 
