@@ -344,6 +344,18 @@ def pgd_contrastive(embed, inputs: torch.Tensor, start: torch.Tensor, second_cle
     return (inputs + delta).detach()
 
 
+def dual_bn_attack(step: Step, net: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """How ACL-DS's and DynACL's loops (and AIR's) attack: the two views interleaved (x1, x2, x1, x2, …),
+    PGD_contrastive through the 'pgd' BN with the model in eval mode, the model back in train mode; (inputs, x_adv)."""
+    view1, view2 = step.method.views(step.images, step.random, step.step).chunk(2)
+    noise1, noise2 = step.noise(torch.cat([view1, view2])).chunk(2)
+    inputs = interleave(view1, view2)
+    net.eval()
+    adv = pgd_contrastive(lambda x: net(x, "pgd"), inputs, interleave(noise1, noise2))
+    net.train()
+    return inputs, adv
+
+
 def acl_reference(step: Step, variant: str) -> tuple[torch.Tensor, RefACLNet, list]:
     """ACL's training step (train_simCLR.py ``train``). DS: x_adv = PGD_contrastive through the 'pgd' BN with the
     model in eval mode; then, in train mode, L = ½[nt_xent(model(x, 'normal')) + nt_xent(model(x_adv, 'pgd'))].
@@ -413,13 +425,7 @@ def dynacl_reference(step: Step) -> tuple[torch.Tensor, RefDynACLNet, list]:
         ("momentum_projector.", "encoder_k.fc."),
     ]
     net = load_reference(RefDynACLNet(), step.before, table, ["normal", "pgd"])
-    views = step.method.views(step.images, step.random, step.step)
-    noise1, noise2 = step.noise(views).chunk(2)
-    view1, view2 = views.chunk(2)
-    inputs = interleave(view1, view2)
-    net.eval()
-    adv = pgd_contrastive(lambda x: net(x, "pgd"), inputs, interleave(noise1, noise2))
-    net.train()
+    inputs, adv = dual_bn_attack(step, net)
     features_adv, features = net(adv, "pgd"), net(inputs, "normal")
     net.momentum_update()
     epoch = step.step // step.session.data.batches.steps_per_epoch + 1

@@ -30,9 +30,8 @@ from parity import (
     assert_same_step,
     colour_images,
     common,
-    interleave,
+    dual_bn_attack,
     load_reference,
-    pgd_contrastive,
 )
 
 LAMBDA1, LAMBDA2, TEMPERATURE = 0.5, 0.5, 0.5  # pretraining.py --lambda1 / --lambda2, AIR_Loss(temperature=0.5)
@@ -82,13 +81,7 @@ def _air_reference(step: Step, weight: float) -> tuple[torch.Tensor, RefACLNet]:
     in that order), AIR_Loss; checks that the regularisers are nonzero and move the gradients well beyond the
     tolerance before the backward."""
     net = load_reference(RefACLNet(BRANCHES), step.before, TABLE, BRANCHES)
-    views = step.method.views(step.images, step.random, step.step)
-    noise1, noise2 = step.noise(views).chunk(2)
-    view1, view2 = views.chunk(2)
-    inputs = interleave(view1, view2)
-    net.eval()
-    adv = pgd_contrastive(lambda x: net(x, "pgd"), inputs, interleave(noise1, noise2))
-    net.train()
+    inputs, adv = dual_bn_attack(step, net)
     features_adv = net(adv, "pgd")
     features = net(inputs, "normal")
     z_orig = net(step.images.float() / 255, "normal")  # ori_transfor: ToTensor of the image itself
