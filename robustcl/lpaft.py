@@ -39,6 +39,7 @@ from .distributed import check_world_size, node_main_first, on_main_process, pro
 from .encoder_loading import FeatureEncoder, RunEncoder, load_run
 from .encoder_record import EncoderRecord, MethodCard
 from .errors import UserError
+from .eval_report import EvalReport
 from .evaluation.finetune import FinetuneResult, LabelledImages, finetune
 from .fingerprint import weights_sha256
 from .json_files import write_json
@@ -50,7 +51,8 @@ from .models import RobustCLResNetModel
 from .pseudo_labels import PseudoLabels, cluster_labels, load_pseudo_labels, save_pseudo_labels
 from .recipe import FinetuneConfig, LpaftConfig, Recipe, override_recipe, parse_override
 from .run_dir import checkpoint_step, read_run_recipe
-from .run_layout import ENCODER_DIR, LPAFT_DIR, PSEUDO_LABELS_FILE, SUMMARY_FILE
+from .run_handover import export_and_evaluate
+from .run_layout import LPAFT_DIR, PSEUDO_LABELS_FILE, SUMMARY_FILE
 from .setup_context import encode_block
 
 # k-means runs until no label changes (tol 0: the centres' movement is not a criterion); the cap only guards
@@ -263,28 +265,15 @@ def lpaft_command(run_dir: Path, overrides: list[str] | None = None, progress: b
     fix = "wait until it ends: robustcl lpaft needs the run directory to itself"
     with on_main_process(accelerator, lambda: folder_lock(run_dir, "lpaft", fix)):
         result = run_lpaft(run_dir, section, accelerator=accelerator, progress=progress)
-        hand_over(run_dir, recipe, accelerator, progress)
+        report = export_and_evaluate(run_dir, recipe, accelerator, progress)
+        if report is not None and accelerator.is_main_process:
+            _add_to_summary(run_dir, report)
+    accelerator.wait_for_everyone()
     return result
 
 
-def hand_over(run_dir: Path, recipe: Recipe, accelerator: Accelerator, progress: bool) -> None:
-    """``RUN_DIR/encoder`` exported again from the run's encoder (now the stage's), evaluated when the recipe says
-    so, with the figures in the card and in ``summary.json``: as ``robustcl pretrain`` ends a run."""
-    from .evaluation import evaluate, run_dir_output
-    from .export import export_run
-
-    repo_id = recipe.export.repo_id or run_dir.resolve().name
-    export_dir = run_dir / ENCODER_DIR
-    if accelerator.is_main_process:
-        export_run(run_dir, export_dir, repo_id=repo_id)
-    accelerator.wait_for_everyone()
-    if not recipe.eval.after_pretrain:
-        return
-    output = run_dir_output(run_dir, recipe.eval.protocol)
-    report = evaluate(export_dir, recipe=recipe, output=output, accelerator=accelerator, progress=progress)
-    if accelerator.is_main_process:
-        export_run(run_dir, export_dir, repo_id=repo_id)
-        summary = run_dir / SUMMARY_FILE
-        if summary.is_file():
-            write_json(summary, {**json.loads(summary.read_text()), "evaluation": report.model_dump(mode="json")})
-    accelerator.wait_for_everyone()
+def _add_to_summary(run_dir: Path, report: EvalReport) -> None:
+    """The stage's encoder's figures in ``summary.json``, which stated the pretrained encoder's (if any)."""
+    summary = run_dir / SUMMARY_FILE
+    if summary.is_file():
+        write_json(summary, {**json.loads(summary.read_text()), "evaluation": report.model_dump(mode="json")})

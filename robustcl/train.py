@@ -40,7 +40,6 @@ from .encoder_record import TRAIN_STATE_KEY
 from .errors import NonFiniteLoss, UserError
 from .eval_report import EvalReport
 from .evaluation.preflight import check_after_pretrain
-from .export import export_run
 from .fingerprint import data_changes
 from .json_files import to_json, write_json
 from .locking import folder_lock
@@ -60,6 +59,7 @@ from .run_dir import (
     read_run_recipe,
     save_checkpoint,
 )
+from .run_handover import export_and_evaluate
 from .run_layout import DATA_FINGERPRINT_FILE, ENCODER_DIR, LOGS_DIR, METRICS_FILE, RECIPE_FILE, SUMMARY_FILE
 from .setup_context import ProcessesSetupContext
 from .tracking import check_installed, start_trackers
@@ -615,13 +615,10 @@ def pretrain(recipe: Recipe, run_dir: Path, resume: bool = True, allow_data_chan
         return finished.summary
     try:
         summary = train(session)
+        bars = recipe.logging.progress_bar
         if recipe.lpaft is not None:  # DynACL++: its encoder is the one exported and evaluated below
-            bars = recipe.logging.progress_bar
             run_lpaft(session.run_dir, recipe.lpaft, accelerator=session.accelerator, progress=bars)
-        export_encoder(session, summary)
-        if recipe.eval.after_pretrain:
-            summary.evaluation = evaluate_export(session, summary)
-            export_encoder(session, summary)  # again: the model card now states the measured figures
+        summary.evaluation = export_and_evaluate(session.run_dir, recipe, session.accelerator, bars)
         write_summary(session, summary)
         return summary
     finally:
@@ -785,30 +782,6 @@ def save_progress(session: Session, state: LoopState, started: float, encoder_re
     run_dir, step = session.run_dir, state.step
     state.checkpoint = save_checkpoint(accelerator, session.model, run_dir, step, t.keep_checkpoints, train_state)
     state.compute = so_far
-
-
-def export_encoder(session: Session, summary: RunSummary) -> None:
-    """The newest checkpoint exported into ``RUN_DIR/encoder`` with its model card (by the main process)."""
-    # The card's loading example names the run, not the folder called "encoder".
-    repo_id = session.recipe.export.repo_id or session.run_dir.resolve().name
-    if session.accelerator.is_main_process:
-        export_run(session.run_dir, summary.encoder_dir, repo_id=repo_id)
-    session.accelerator.wait_for_everyone()
-
-
-def evaluate_export(session: Session, summary: RunSummary) -> Any:
-    """The export evaluated as the recipe's eval section says (every process takes a shard); the report."""
-    from .evaluation import evaluate, run_dir_output
-
-    recipe = session.recipe
-    # The exported folder is what users get, so that is what gets measured.
-    return evaluate(
-        summary.encoder_dir,
-        recipe=recipe,
-        output=run_dir_output(session.run_dir, recipe.eval.protocol),
-        accelerator=session.accelerator,
-        progress=recipe.logging.progress_bar,
-    )
 
 
 def write_summary(session: Session, summary: RunSummary) -> None:
