@@ -1164,9 +1164,11 @@ def describe_keys() -> str:
     lines: dict[str, str] = {}
     readers: dict[str, list[str]] = {}
 
-    def walk(model: type[BaseModel], prefix: str, method: str | None) -> None:
+    def walk(model: type[BaseModel], prefix: str, method: str | None, defaults: BaseModel | None = None) -> None:
+        """``defaults``: the section a default factory builds (lpaft.lp: the authors' values, not the class's)."""
         for name, field in model.model_fields.items():
             ann, path = field.annotation, prefix + name
+            default = getattr(defaults, name) if defaults is not None else field.get_default(call_default_factory=True)
             if ann is MethodOptions:
                 for registered in METHODS:
                     walk(method_options(registered), f"{path}.", registered)
@@ -1175,7 +1177,7 @@ def describe_keys() -> str:
             if len(sections) == 1 and type(None) in get_args(ann):  # an optional section (lpaft): its keys
                 ann = sections[0]
             if isinstance(ann, type) and issubclass(ann, BaseModel):
-                walk(ann, f"{path}.", method)
+                walk(ann, f"{path}.", method, default if isinstance(default, BaseModel) else None)
                 continue
             if method is not None:
                 readers.setdefault(path, []).append(method)
@@ -1183,7 +1185,7 @@ def describe_keys() -> str:
                 # A method's `name` repeats the base field without its description.
                 base = MethodOptions.model_fields.get(name) if issubclass(model, MethodOptions) else None
                 about = field.description or (base.description if base else None) or ""
-                lines[path] = f"{path} = {field.get_default(call_default_factory=True)!r}  # {about}"
+                lines[path] = f"{path} = {default!r}  # {about}"
 
     walk(Recipe, "", None)
     out = [f"{line} [{', '.join(readers[key])}]" if key in readers else line for key, line in lines.items()]

@@ -128,6 +128,25 @@ def test_method_options_are_checked_and_documented(tmp_path):
         assert len(line.split("# ", 1)[1]) > 20, line
 
 
+def test_described_defaults_are_what_a_recipe_without_the_key_gets():
+    """`recipe show --describe` lists the value a recipe that leaves a key out ends up with, also in sections a
+    default factory builds (eval.slf: the default preset's; lpaft.lp / lpaft.aft: the DynACL++ authors')."""
+    from robustcl.recipe import LpaftConfig, describe_keys, recipe_from_dict
+
+    recipe = recipe_from_dict({}).model_copy(update={"lpaft": LpaftConfig()})
+    checked = 0
+    for line in describe_keys().splitlines():
+        key, _, rest = line.partition(" = ")
+        if key.startswith("method."):  # every method's keys, while the default recipe holds one method
+            continue
+        value = recipe
+        for part in key.split("."):
+            value = getattr(value, part)
+        assert repr(value) == rest.split("  # ", 1)[0], key
+        checked += 1
+    assert checked > 200
+
+
 # Regressions found by tests/test_recipe_mutations.py (and the review around it): each of these once loaded into a
 # recipe that failed inside the first training step, or raised something other than a one-line UserError.
 @pytest.mark.parametrize(
