@@ -25,7 +25,8 @@ first N of them.
 Usage:  python benchmarks/cifar10_methods.py [--data ../shared/datasets/cifar10] [--runs runs/cifar10_methods]
         [--steps 300] [--attack-subset 1000] [--preset robustssl] [--only simclr,acl,...]
         [--out benchmarks/results/cifar10_methods.json]
-A run directory that already holds a summary and an SLF eval.json is reported as it is (nothing is re-run).
+Prints the README's Results table. A run directory that already holds a summary and an SLF eval.json is reported as
+it is (nothing is re-run).
 """
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ COMMON = [
 ]
 # simclr first: advcl, deacl and ainfonce build on it
 METHODS = ["simclr", "acl", "dynacl", "advcl", "deacl", "acl_air", "dynacl_air", "ainfonce", "rocl", "dynacl_plus_plus"]
+LABELS = {
+    "simclr": "SimCLR (`simclr.yaml`), no adversary",
+    "acl": "ACL-DS (`acl.yaml`)",
+    "dynacl": "DynACL (`dynacl.yaml`, its 20 stages within the run)",
+    "advcl": "AdvCL (`advcl.yaml`, k-means on the SimCLR run's features)",
+    "deacl": "DeACL (`deacl.yaml`, teacher: the SimCLR run)",
+    "acl_air": "ACL-AIR (`acl_air.yaml`)",
+    "dynacl_air": "DynACL-AIR (`dynacl_air.yaml`, stages as DynACL's)",
+    "ainfonce": "A-InfoNCE (`ainfonce.yaml`, k-means on the SimCLR export's features)",
+    "rocl": "RoCL (`rocl.yaml`)",
+    "dynacl_plus_plus": "DynACL++ (`dynacl_plus_plus.yaml`: DynACL's run, then 1 + 1 epochs of its stage)",
+}
 # DynACL++'s stage at this budget: one epoch of each part, the authors' lr drops (epochs 10, 20 of 25) never reached.
 LPAFT_BUDGET = ["lpaft.lp.epochs=1", "lpaft.aft.epochs=1", "lpaft.aft.milestones=[]"]
 
@@ -86,11 +99,25 @@ def main() -> None:
         pretrain = ["robustcl", "pretrain", f"recipes/{name}.yaml", *[a for s in sets for a in ("--set", s)]]
         results[name] = pretrain_and_evaluate(pretrain, run_dir, args.attack_subset, args.preset)
     write_results(args.out, results)
+    print("\n".join(markdown_table(results)))
+
+
+def markdown_table(results: dict[str, dict]) -> list[str]:
+    """The README's Results table: SA, RA and the RA curve of every row; the best SA and RA in bold."""
+    best = {key: max(r[key] for r in results.values()) for key in ("SA", "RA")}
+
+    def cell(r: dict, key: str) -> str:
+        text = f"{100 * r[key]:.1f}%"
+        return f"**{text}**" if r[key] == best[key] and len(results) > 1 else text
+
+    lines = [
+        "| method (recipe) | SA (10,000) | RA, PGD-20 ε 8/255 (1,000) | PGD-20 at ε 2 / 4 / 16 /255 |",
+        "|---|---|---|---|",
+    ]
     for name, r in results.items():
-        print(
-            f"{name:8s} SA {100 * r['SA']:5.1f}%  RA (PGD-20) {100 * r['RA']:5.1f}%  "
-            f"pretraining {r['pretrain_wall_time_s'] / 60:5.1f} min"
-        )
+        curve = " / ".join(f"{100 * r['curve'][f'{eps}/255']:.1f}%" for eps in (2, 4, 16))
+        lines.append(f"| {LABELS[name]} | {cell(r, 'SA')} | {cell(r, 'RA')} | {curve} |")
+    return lines
 
 
 if __name__ == "__main__":
