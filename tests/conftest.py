@@ -1,5 +1,5 @@
 """Fixtures shared by several test files: a local Hub over real HTTP, a trained and evaluated run with its exports,
-and a Python environment without robustcl."""
+and a Python environment without robustcl; the reference-parity tests' images."""
 
 from __future__ import annotations
 
@@ -79,3 +79,11 @@ def tiny_export(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("export") / "tiny-encoder"
     export_encoder(RobustCLResNetModel(RobustCLResNetConfig(block_layers=[1, 1], widths=[8, 16])), None, out)
     return out
+
+
+@pytest.fixture(scope="session")
+def parity_data(tmp_path_factory) -> Path:
+    """The reference-parity tests' dataset: 16 random colour images (tests/parity.py colour_images)."""
+    from parity import colour_images
+
+    return colour_images(tmp_path_factory.mktemp("parity"))

@@ -27,18 +27,11 @@ from parity import (
     advcl_reference,
     advcl_sets,
     assert_same_step,
-    colour_images,
     common,
 )
 
 from robustcl.losses import multi_positive_nt_xent
 from robustcl.methods.ainfonce import Asymmetry, HardNegatives, asymmetric_info_nce
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return colour_images(tmp_path_factory.mktemp("parity"))
-
 
 # ------------------------------------------------------------------------------------------ the authors' loss
 
@@ -115,22 +108,22 @@ VARIANTS = {
 ADAPTIVE_STEP, ADAPTIVE_AVERAGE = 2, 1.0  # 2 steps per epoch: the second epoch
 
 
-def _sets(data_dir: Path, opts: dict) -> list[str]:
+def _sets(parity_data: Path, opts: dict) -> list[str]:
     own = [f"method.ainfonce.{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in opts.items()]
     fixed = ["method.ainfonce.attack_hard_negative=false", "method.ainfonce.hard_negative_normalisers=columns",
              "method.ainfonce.mirror_adversarial_terms=true", "method.ainfonce.max_stop_degree=0.5"]  # fmt: skip
-    return [*common(data_dir), *advcl_sets("ainfonce"), *own, *fixed]
+    return [*common(parity_data), *advcl_sets("ainfonce"), *own, *fixed]
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
-def test_ainfonce_step_equals_the_authors_asym_advcl_step(tmp_path, data_dir, variant):
+def test_ainfonce_step_equals_the_authors_asym_advcl_step(tmp_path, parity_data, variant):
     """A-InfoNCE: same loss and gradients as Asym-AdvCL's step: AdvCL's attack on the plain criterion with w
     (--attack_ori), then the asymmetric criterion (IP's two stop-gradient sides mixed by the stop degree, HN's
     reweighted negatives, the adversarial terms × w) + AdvCL's pseudo-label CE; and the same stop degree and
     distance average."""
     opts = VARIANTS[variant]
-    sets = _sets(data_dir, opts)
-    path, labels = advcl_labels(data_dir, tmp_path, sets)
+    sets = _sets(parity_data, opts)
+    path, labels = advcl_labels(parity_data, tmp_path, sets)
     adaptive = variant == "iphn-adaptive"
 
     def seen_distances(method) -> None:  # the average --stop_grad_adaptive's first epochs left behind

@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 from parity import (
@@ -28,7 +27,6 @@ from parity import (
     Step,
     assert_same_buffers,
     assert_same_step,
-    colour_images,
     common,
     dual_bn_attack,
     load_reference,
@@ -38,11 +36,6 @@ LAMBDA1, LAMBDA2, TEMPERATURE = 0.5, 0.5, 0.5  # pretraining.py --lambda1 / --la
 DYNAUG_LAMBDA = 2 / 3  # pretraining.py: train(..., LAMBDA=2/3)
 BRANCHES = ["normal", "pgd"]
 TABLE = [("encoder.backbone.", "backbone."), ("projector.", "fc.")]
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return colour_images(tmp_path_factory.mktemp("parity-air"))
 
 
 def _contrastive(a: torch.Tensor, b: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -103,9 +96,9 @@ def _assert_regularisers_matter(net: RefACLNet, loss: torch.Tensor, regularisers
     assert value > 1e-2 and norm(part) > 1e-2 * norm(total), (value, norm(part), norm(total))
 
 
-def _sets(data_dir: Path, name: str) -> list[str]:
+def _sets(parity_data: Path, name: str) -> list[str]:
     return [
-        *common(data_dir), f"method.name={name}", f"method.temperature={TEMPERATURE}", "method.acl.variant=ds",
+        *common(parity_data), f"method.name={name}", f"method.temperature={TEMPERATURE}", "method.acl.variant=ds",
         "method.acl.projector_layers=3", "method.acl.projector_dim=null", f"method.air.lambda1={LAMBDA1}",
         f"method.air.lambda2={LAMBDA2}", "method.air.kl_input=probabilities", "method.air.contrastive_sum=true",
         "attack.bn_mode=eval", f"model.image_mean={IMAGENET_MEAN}", f"model.image_std={IMAGENET_STD}",
@@ -113,22 +106,22 @@ def _sets(data_dir: Path, name: str) -> list[str]:
     ]  # fmt: skip
 
 
-def test_acl_air_step_equals_the_authors_air_loss_step(tmp_path, data_dir):
+def test_acl_air_step_equals_the_authors_air_loss_step(tmp_path, parity_data):
     """ACL-AIR: same loss and gradients as pretraining.py --ACL_DS (no --DynAug: weight 0): clean + adversarial
     NT-Xent added, + 0.5·SIR + 0.5·AIR with the probabilities handed to kl_div, gradients through every view and
     the original image; the same BN statistics after the step ('normal' updated by the views, then the originals)."""
-    step = Step(tmp_path, "acl_air.yaml", _sets(data_dir, "acl_air"), step=1)
+    step = Step(tmp_path, "acl_air.yaml", _sets(parity_data, "acl_air"), step=1)
     loss, net = _air_reference(step, weight=0.0)
     assert_same_step(step, loss, net, TABLE, BRANCHES)
     assert_same_buffers(step.method.state_dict(), net, TABLE, BRANCHES)
 
 
-def test_dynacl_air_step_equals_the_authors_dynaug_step_at_a_later_epoch(tmp_path, data_dir):
+def test_dynacl_air_step_equals_the_authors_dynaug_step_at_a_later_epoch(tmp_path, parity_data):
     """DynACL-AIR in its third epoch (stages of one epoch over four): same loss and gradients as pretraining.py
     --ACL_DS --DynAug, whose views have strength 1 − ⌊(e − 1)/K⌋·K/E = 0.5 and whose weight is LAMBDA·(1 − 0.5):
     the strength of the epoch itself (DynACL's own code would weigh the next epoch's); one encoder."""
     sets = [
-        *_sets(data_dir, "dynacl_air"), f"method.dynacl.reload_every_epochs={DYNACL_RELOAD}",
+        *_sets(parity_data, "dynacl_air"), f"method.dynacl.reload_every_epochs={DYNACL_RELOAD}",
         f"method.dynacl.adversarial_weight_slope={DYNAUG_LAMBDA!r}", "method.dynacl.momentum=null",
         f"training.epochs={DYNACL_EPOCHS}", "augment.crop_scale=[0.1,1.0]",
     ]  # fmt: skip

@@ -12,18 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from parity import WIDTHS, RefResNet, Step, assert_same_buffers, assert_same_step, colour_images, common, load_reference
+from parity import WIDTHS, RefResNet, Step, assert_same_buffers, assert_same_step, common, load_reference
 from torch import nn
 
 # argument.py parser(): --epsilon 0.0314, --alpha 0.007, --k 7, --lamda 256, --temperature 0.5 (the attack's and
 # the regulariser's 0.5 are written into attack_lib.py).
 EPSILON, ALPHA, STEPS, LAMDA, TEMPERATURE = 0.0314, 0.007, 7, 256.0, 0.5
 HIDDEN, OUT = 32, 8  # projector.py's 2048 and 128, at this test's width
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return colour_images(tmp_path_factory.mktemp("parity-rocl"))
 
 
 class RefRoCLNet(nn.Module):
@@ -92,9 +87,9 @@ AUTHORS = {"attack_to": "other", "regularize_to": "other", "detach_keys": True}
 OTHERS = {"attack_to": "original", "regularize_to": "original", "detach_keys": False}
 
 
-def rocl_sets(data_dir: Path, opts: dict) -> list[str]:
+def rocl_sets(parity_data: Path, opts: dict) -> list[str]:
     return [
-        *common(data_dir), "method.name=rocl", f"method.temperature={TEMPERATURE}", f"method.rocl.lamda={LAMDA}",
+        *common(parity_data), "method.name=rocl", f"method.temperature={TEMPERATURE}", f"method.rocl.lamda={LAMDA}",
         *(f"method.rocl.{key}={value}" for key, value in opts.items()),
         f"method.rocl.projector_hidden_dim={HIDDEN}", f"method.rocl.projector_dim={OUT}",
         f"attack.epsilon={EPSILON}", f"attack.step_size={ALPHA}", f"attack.steps={STEPS}", "attack.clamp_start=true",
@@ -104,12 +99,12 @@ def rocl_sets(data_dir: Path, opts: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("opts", [AUTHORS, OTHERS], ids=["authors", "paper-options"])
-def test_rocl_step_equals_the_authors_representation_attack_step(tmp_path, data_dir, opts):
+def test_rocl_step_equals_the_authors_representation_attack_step(tmp_path, parity_data, opts):
     """RoCL: same loss and gradients as Kim-Minseon/RoCL's step (view 1 attacked 7 steps against view 2 in eval
     mode, regulariser / 256 and the three-view loss in train mode, anchor-side gradients only), and the same BN
     statistics after it (two train-mode passes, the regulariser's first). The second case turns every option to its
     other value (attack and regulariser against view 1's clean image, gradients through both sides)."""
-    step = Step(tmp_path, "rocl.yaml", rocl_sets(data_dir, opts), step=1)
+    step = Step(tmp_path, "rocl.yaml", rocl_sets(parity_data, opts), step=1)
     loss, net = rocl_reference(step, opts)
     assert_same_step(step, loss, net, TABLE, [])
     assert_same_buffers(step.method.state_dict(), net, TABLE, [])

@@ -29,7 +29,6 @@ multi-GPU layouts (AdvCL's DataParallel + SyncBN): one process holding the whole
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -60,7 +59,6 @@ from parity import (
     advcl_sets,
     assert_same_buffers,
     assert_same_step,
-    colour_images,
     common,
     dynacl_reference,
     load_reference,
@@ -75,17 +73,12 @@ from robustcl.methods import build_method
 from robustcl.recipe import load_recipe
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return colour_images(tmp_path_factory.mktemp("parity"))
-
-
 @pytest.mark.parametrize("variant", ["ds", "a2a", "a2s"])
-def test_acl_step_equals_the_authors_pgd_contrastive_and_dual_bn_step(tmp_path, data_dir, variant):
+def test_acl_step_equals_the_authors_pgd_contrastive_and_dual_bn_step(tmp_path, parity_data, variant):
     """ACL: same loss and gradients as VITA-Group's train_simCLR.py step (dual BN, eval-mode PGD_contrastive with
     its unclamped first gradient, ½ clean + ½ adversarial NT-Xent at temperature 0.5), and the same BN
     statistics after it (the attack updates none)."""
-    step = Step(tmp_path, "acl.yaml", [*common(data_dir), *acl_sets(variant)], step=1)
+    step = Step(tmp_path, "acl.yaml", [*common(parity_data), *acl_sets(variant)], step=1)
     loss, net, table = acl_reference(step, variant)
     branches = ["normal", "pgd"] if variant == "ds" else ["normal"]
     assert_same_step(step, loss, net, table, branches)
@@ -95,13 +88,13 @@ def test_acl_step_equals_the_authors_pgd_contrastive_and_dual_bn_step(tmp_path, 
 # ------------------------------------------------------------------------------------------------------ AdvCL
 
 
-def test_advcl_step_equals_the_authors_joint_attack_and_supcon_step(tmp_path, data_dir):
+def test_advcl_step_equals_the_authors_joint_attack_and_supcon_step(tmp_path, parity_data):
     """AdvCL: same loss and gradients as LijieFan/AdvCL's step: four views with the high-frequency one, SupCon
     scaled by T/0.07, mean pseudo-label CE × 0.2, and the attack's two adversarial views from x + U(−ε, ε) with
     BN in train mode. (BN running statistics are not compared: the authors recompute the clean views at every
     PGD step, robustcl once; the values the step uses are the same.)"""
-    sets = [*common(data_dir), *advcl_sets()]
-    path, labels = advcl_labels(data_dir, tmp_path, sets)
+    sets = [*common(parity_data), *advcl_sets()]
+    path, labels = advcl_labels(parity_data, tmp_path, sets)
     step = Step(tmp_path, "advcl.yaml", [*sets, f"method.advcl.pseudo_labels={path}"], step=1)
     loss, net, table = advcl_reference(step, labels)
     assert_same_step(step, loss, net, table, ADVCL_BRANCHES)
@@ -139,12 +132,12 @@ def _deacl_reference(step: Step) -> tuple[torch.Tensor, RefResNet, list]:
     return loss, student, table
 
 
-def test_deacl_step_equals_the_authors_distillation_step(tmp_path, data_dir):
+def test_deacl_step_equals_the_authors_distillation_step(tmp_path, parity_data):
     """DeACL stage 2: same loss and gradients as pantheon5100/DeACL's step (teacher frozen in eval mode, the
     student attacked in eval mode away from the teacher's features, −cos(s, t) − 2·cos(s_adv, s) from one
     train-mode pass), and the same BN statistics after it."""
     sets = [
-        *common(data_dir), "method.name=deacl", "method.deacl.student_init=teacher",
+        *common(parity_data), "method.name=deacl", "method.deacl.student_init=teacher",
         f"method.deacl.adversarial_weight={DEACL_LAMBDA}", "attack.bn_mode=eval", "augment.weak_padding=4",
         f"model.image_mean={CIFAR_MEAN}", f"model.image_std={CIFAR_STD}", "model.stem_padding=2",
     ]  # fmt: skip
@@ -166,12 +159,12 @@ def test_deacl_step_equals_the_authors_distillation_step(tmp_path, data_dir):
     assert_same_buffers(step.method.state_dict(), student, table, [])
 
 
-def test_dynacl_step_equals_the_authors_momentum_step_at_a_later_epoch(tmp_path, data_dir):
+def test_dynacl_step_equals_the_authors_momentum_step_at_a_later_epoch(tmp_path, parity_data):
     """DynACL in its third epoch: same loss and gradients as PKU-ML/DYNACL's step (second views through the
     momentum encoder in the attack and the loss, adversarial weight 1.5), the same momentum encoder after the
     step's update, the same BN statistics, and the augmentation strength its data reload uses (1 − (e−1)/E)."""
     sets = [
-        *common(data_dir), "method.name=dynacl", "method.temperature=0.5", "method.acl.variant=ds",
+        *common(parity_data), "method.name=dynacl", "method.temperature=0.5", "method.acl.variant=ds",
         "method.acl.projector_layers=3", "method.acl.projector_dim=null",
         f"method.dynacl.reload_every_epochs={DYNACL_RELOAD}", f"method.dynacl.adversarial_weight_slope={DYNACL_SWAP!r}",
         f"method.dynacl.momentum={DYNACL_MOMENTUM}", f"training.epochs={DYNACL_EPOCHS}", "attack.bn_mode=eval",
@@ -239,12 +232,12 @@ def _simclr_reference(step: Step) -> tuple[torch.Tensor, RefSoloSimCLR, list]:
     return loss, net, table
 
 
-def test_simclr_step_equals_solo_learns_step(tmp_path, data_dir):
+def test_simclr_step_equals_solo_learns_step(tmp_path, parity_data):
     """SimCLR: same loss and gradients as solo-learn's CIFAR SimCLR step (temperature 0.2, projector without
     BatchNorm: method.simclr.projector_bn false; each view encoded alone, so BN normalises it by its own
     statistics: method.simclr.bn_per_view true), and the same BN statistics after it."""
     sets = [
-        *common(data_dir), "method.name=simclr", f"method.temperature={SIMCLR_TEMPERATURE}",
+        *common(parity_data), "method.name=simclr", f"method.temperature={SIMCLR_TEMPERATURE}",
         f"method.simclr.projector_hidden_dim={SIMCLR_HIDDEN}", f"method.simclr.projector_dim={SIMCLR_OUT}",
         "method.simclr.projector_bn=false", "method.simclr.bn_per_view=true", "attack.steps=0",
         f"model.image_mean={CIFAR_MEAN}", f"model.image_std={CIFAR_STD}", "model.stem_padding=2",
