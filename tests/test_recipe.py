@@ -117,6 +117,11 @@ def test_method_recipes_carry_the_papers_settings_and_quirks():
 def test_method_options_are_checked_and_documented(tmp_path):
     with pytest.raises(UserError, match="DynACL is dual-stream"):
         load_recipe(RECIPES / "dynacl.yaml", ["method.acl.variant=a2a"])
+    for name in ("acl_air", "dynacl_air"):
+        with pytest.raises(UserError, match=f"AIR regularises ACL-DS: .* with method.name {name} "):
+            load_recipe(RECIPES / f"{name}.yaml", ["method.acl.variant=a2s"])
+    with pytest.raises(UserError, match="method.dynacl.momentum must be null with method.name dynacl_air"):
+        load_recipe(RECIPES / "dynacl_air.yaml", ["method.dynacl.momentum=0.9"])
     with pytest.raises(UserError, match="distinct numbers of clusters"):
         load_recipe(RECIPES / "advcl.yaml", ["method.advcl.clusters=[10,10]"])
     from robustcl.recipe import describe_keys

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..recipe import MethodOptions, Section
 
@@ -24,3 +24,13 @@ class ACLOptions(MethodOptions):
     name: Literal["acl"] = "acl"
     temperature: float = Field(0.5, gt=0, description="NT-Xent temperature")
     acl: ACLSection = Field(default_factory=ACLSection)
+    # Why a method built on ACL's options trains ACL-DS only (the start of its error), or None: every variant trains.
+    dual_stream_because: ClassVar[str | None] = None
+
+    @model_validator(mode="after")
+    def _dual_stream(self) -> ACLOptions:
+        if self.dual_stream_because is not None and self.acl.variant != "ds":
+            raise ValueError(
+                f"{self.dual_stream_because}: method.acl.variant must be 'ds' with method.name {self.name}"
+            )
+        return self

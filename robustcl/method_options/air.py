@@ -4,7 +4,7 @@ regularisers under ``method.air``. Defaults: GodXuxilie/Enhancing_ACL_via_AIR ``
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -37,12 +37,7 @@ class AIRSection(Section):
 class ACLAIROptions(ACLOptions):
     name: Literal["acl_air"] = "acl_air"  # type: ignore[assignment]
     air: AIRSection = Field(default_factory=AIRSection)
-
-    @model_validator(mode="after")
-    def _dual_stream(self) -> ACLAIROptions:
-        if self.acl.variant != "ds":
-            raise ValueError("AIR regularises ACL-DS: method.acl.variant must be 'ds' with method.name acl_air")
-        return self
+    dual_stream_because: ClassVar[str | None] = "AIR regularises ACL-DS"
 
 
 class DynACLAIRSection(DynACLSection):
@@ -70,11 +65,10 @@ class DynACLAIROptions(DynACLOptions):
     name: Literal["dynacl_air"] = "dynacl_air"  # type: ignore[assignment]
     dynacl: DynACLAIRSection = Field(default_factory=DynACLAIRSection)
     air: AIRSection = Field(default_factory=AIRSection)
+    dual_stream_because: ClassVar[str | None] = "AIR regularises ACL-DS"
 
     @model_validator(mode="after")
-    def _dual_stream(self) -> DynACLAIROptions:  # replaces DynACL's check, naming this method
-        if self.acl.variant != "ds":
-            raise ValueError("AIR regularises ACL-DS: method.acl.variant must be 'ds' with method.name dynacl_air")
+    def _one_encoder(self) -> DynACLAIROptions:
         if self.dynacl.momentum is not None:
             raise ValueError(
                 f"method.dynacl.momentum must be null with method.name dynacl_air (AIR's pretraining.py has no "

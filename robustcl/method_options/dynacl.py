@@ -3,9 +3,9 @@ schedules under ``method.dynacl``."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from ..encoder_record import Paper
 from ..recipe import Recipe, Section
@@ -49,12 +49,7 @@ class DynACLSection(Section):
 class DynACLOptions(ACLOptions):
     name: Literal["dynacl"] = "dynacl"  # type: ignore[assignment]
     dynacl: DynACLSection = Field(default_factory=DynACLSection)
-
-    @model_validator(mode="after")
-    def _dual_stream(self) -> DynACLOptions:
-        if self.acl.variant != "ds":
-            raise ValueError("DynACL is dual-stream: method.acl.variant must be 'ds' with method.name dynacl")
-        return self
+    dual_stream_because: ClassVar[str | None] = "DynACL is dual-stream"
 
     def check_recipe(self, recipe: Recipe) -> None:
         # DynACL moves the crop's lower bound towards 1 as augmentation weakens (the authors' scale=(1 − 0.9·s, 1)):
