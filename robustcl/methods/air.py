@@ -85,7 +85,8 @@ class AIRRegularised:
     paper = AIR_PAPER
     original_crops = 0  # the regularisers need the decoded image itself, not crops taken by the data workers
 
-    def _air_options(self, recipe: Recipe) -> None:
+    def __init__(self, recipe: Recipe) -> None:
+        super().__init__(recipe)  # type: ignore[call-arg]  # the Method after this mixin: ACL or DynACL
         opts = recipe.method.air
         self.lambda1, self.lambda2, self.kl_input = opts.lambda1, opts.lambda2, opts.kl_input
         # AIR.py's (1 − weight)·clean + (1 + weight)·adv is twice DynACL's ½[(2 − w)·clean + w·adv], w = 1 + weight.
@@ -126,10 +127,6 @@ class AIRRegularised:
 class ACLAIR(AIRRegularised, ACL):
     display_name = "ACL-AIR"
 
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe)
-        self._air_options(recipe)
-
     def adversarial_weight(self, step: int) -> float:
         return 1.0
 
@@ -139,10 +136,6 @@ class ACLAIR(AIRRegularised, ACL):
 
 class DynACLAIR(AIRRegularised, DynACL):
     display_name = "DynACL-AIR"
-
-    def __init__(self, recipe: Recipe) -> None:
-        super().__init__(recipe)
-        self._air_options(recipe)
 
     def adversarial_weight(self, step: int) -> float:
         # pretraining.py: weight = LAMBDA·(1 − strength) of the epoch's own strength (DynACL's code leads by one epoch).
